@@ -1,0 +1,266 @@
+"""The ``image-logreg`` command: a thin argparse layer over the Python API.
+
+Results go to stdout (one JSON document with ``--json``); progress and logs go to stderr.
+Bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import ImageLogregError, UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2), like every other bad input."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args) or 0
+    except ImageLogregError as exc:
+        return fail(str(exc), 2)
+    except KeyboardInterrupt:
+        return fail("interrupted", 130)
+    except OSError as exc:  # disk full, permission denied and the like while writing results
+        return fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), 1)
+
+
+def fail(message: str, code: int) -> int:
+    print(f"image-logreg: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    from .run import train_run
+
+    config = {
+        "dataset": args.dataset,
+        "data_dir": args.data_dir,
+        "val_fraction": args.val_fraction,
+        "train_subset": args.train_subset,
+        "device": args.device,
+        "download": not args.no_download,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "schedule": args.schedule,
+        "seed": args.seed,
+    }
+    summary = train_run(
+        config, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log
+    )
+    if args.json:
+        emit_json(summary)
+    else:
+        print(
+            f"val accuracy {summary['val_accuracy']:.4f}, val loss {summary['val_loss']:.4f} after "
+            f"{summary['epochs']} epochs ({summary['seconds']:.2f}s); run saved to {summary['run_dir']}"
+        )
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import resolve_checkpoint
+    from .metrics import evaluate
+    from .run import eval_data, prepare_inputs
+    from .train import resolve_device
+
+    model, meta, checkpoint, data_dir = open_model(args)
+    data = eval_data(meta, args.split, data_dir, checkpoint, download=not args.no_download)
+    device = resolve_device(args.device)
+    x = prepare_inputs(data.images, meta.get("preprocessing", {}), device)
+    result = evaluate(model.to(device), x, data.labels.to(device), data.classes)
+    result = {"model": str(resolve_checkpoint(args.model)), "dataset": meta["dataset"], "split": args.split, **result}
+    if args.json:
+        emit_json(result)
+    else:
+        print_evaluation(result, data.classes)
+    return 0
+
+
+def print_evaluation(result: dict, classes: list[str]) -> None:
+    print(f"{result['dataset']} {result['split']}: {result['n']} images, loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}")
+    width = max(len(c) for c in classes)
+    print(f"\n{'class':<{width}}  accuracy  precision  f1")
+    for c in classes:
+        fmt = lambda v: "   -    " if v is None else f"{v:8.4f}"
+        print(f"{c:<{width}}  {fmt(result['per_class'][c])}  {fmt(result['precision'][c])}  {fmt(result['f1'][c])}")
+    print("\nconfusion matrix (rows: true class, columns: predicted)")
+    for i, row in enumerate(result["confusion"]):
+        print(f"{i:>3} " + " ".join(f"{v:5d}" for v in row))
+
+
+def cmd_predict(args) -> int:
+    import torch
+
+    from .predict import predict_images
+    from .preprocess import find_image_files, prepare_image
+    from .run import eval_data
+
+    if not args.files and args.index is None:
+        raise UsageError("give image FILEs or folders, or --index N to predict dataset samples")
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    model, meta, checkpoint, data_dir = open_model(args)
+    classes = meta["classes"]
+    results, failures = [], 0
+
+    if args.index is not None:
+        data = eval_data(meta, args.split, data_dir, checkpoint, download=not args.no_download)
+        bad = [i for i in args.index if not 0 <= i < len(data)]
+        if bad:
+            raise UsageError(f"--index {bad[0]} is out of range: the {args.split} set has {len(data)} images (0..{len(data) - 1})")
+        chosen = torch.tensor(args.index)
+        preds = predict_images(model, data.images[chosen], classes, [f"{args.split}[{i}]" for i in args.index], args.top_k)
+        for p, i in zip(preds, args.index):
+            p["true_label"] = data.classes[int(data.labels[i])]
+        results += preds
+
+    if args.files:
+        size = tuple(model.input_shape)
+        for path in find_image_files(args.files):
+            try:
+                image = prepare_image(path, normalize=not args.no_normalize, size=size)
+            except ImageLogregError as exc:
+                fail(str(exc), 2)
+                failures += 1
+                continue
+            results += predict_images(model, torch.from_numpy(image)[None], classes, [str(path)], args.top_k)
+
+    if args.json:
+        emit_json(results)
+    else:
+        for r in results:
+            ranked = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
+            truth = f" (true: {r['true_label']})" if "true_label" in r else ""
+            print(f"{r['source']}: {r['label']}{truth}   [{ranked}]")
+    return 2 if failures else 0
+
+
+def cmd_show(args) -> int:
+    import torch
+
+    from .data import load_split
+    from .files import refuse_existing
+    from .plots import plot_grid
+
+    out = refuse_existing(args.out or f"{args.dataset}-{args.split}-samples.png", args.overwrite)
+    if args.count < 1:
+        raise UsageError(f"--count must be at least 1, got {args.count}")
+    data = load_split(args.dataset, args.data_dir, args.split, download=not args.no_download)
+    picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.count]
+    titles = [f"#{i}: {data.classes[int(data.labels[i])]}" for i in picks.tolist()]
+    plot_grid([data.images[i].numpy() for i in picks.tolist()], titles, out, title=f"{args.dataset} {args.split} samples")
+    print(f"wrote {len(picks)} {args.dataset} {args.split} samples to {out}")
+    return 0
+
+
+def open_model(args):
+    """Load ``args.model``; return (model, metadata, checkpoint path, data dir to use)."""
+    from .checkpoint import load_model, resolve_checkpoint
+    from .files import read_json
+    from .run import default_data_dir
+
+    checkpoint = resolve_checkpoint(args.model)
+    model, meta = load_model(checkpoint, dataset=args.dataset)
+    data_dir = args.data_dir
+    config_file = checkpoint.parent / "config.json"
+    if data_dir is None and config_file.is_file():
+        data_dir = read_json(config_file).get("data_dir")  # where the run found its data
+    return model, meta, checkpoint, data_dir or default_data_dir()
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data import DATASETS
+    from .run import default_data_dir
+    from .train import OPTIMIZERS, SCHEDULES, TrainConfig
+
+    defaults = TrainConfig()
+    parser = Parser(prog="image-logreg", description="Image classification with logistic regression in PyTorch.")
+    parser.add_argument("--version", action="version", version=f"image-logreg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    def data_flags(p, dataset_default="mnist"):
+        p.add_argument("--dataset", choices=list(DATASETS), default=dataset_default, help="dataset (default: %(default)s)")
+        p.add_argument(
+            "--data-dir", default=default_data_dir() if dataset_default else None,
+            help="folder holding MNIST/raw/ or FashionMNIST/raw/ (default: ./data, or $IMAGE_LOGREG_DATA)",
+        )
+        p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+
+    p = sub.add_parser("train", help="train a model and save a run directory")
+    data_flags(p)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction held out for validation (default: %(default)s)")
+    p.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on a random N of the training split")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 penalty (default: %(default)s)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--out", default=None, help="run directory to create (default: runs/<timestamp>-<dataset>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--json", action="store_true", help="print one JSON document with the results")
+    p.set_defaults(func=cmd_train)
+
+    def model_flags(p):
+        p.add_argument("model", metavar="MODEL", help="run directory, .safetensors checkpoint or tutorial state_dict (.pth)")
+        data_flags(p, dataset_default=None)
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+        p.add_argument("--json", action="store_true", help="print one JSON document with the results")
+
+    p = sub.add_parser("evaluate", help="loss, accuracy, per-class accuracy and confusion matrix")
+    model_flags(p)
+    p.add_argument("--split", choices=["test", "val"], default="test", help="(default: %(default)s)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict dataset samples (--index) or image files")
+    model_flags(p)
+    p.add_argument("files", nargs="*", metavar="FILE", help="image files or folders (searched recursively)")
+    p.add_argument("--index", type=int, nargs="+", metavar="N", help="dataset sample(s) to predict")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="split for --index (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=3, help="probabilities to show per image (default: %(default)s)")
+    p.add_argument("--no-normalize", action="store_true", help="feed files as they are (grayscale, resized), no MNIST-style centring")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("show", help="write a labelled grid of dataset samples")
+    data_flags(p)
+    p.add_argument("--split", choices=["train", "test"], default="train", help="(default: %(default)s)")
+    p.add_argument("--count", type=int, default=32, help="number of samples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for picking samples")
+    p.add_argument("--out", default=None, help="PNG file to write (default: <dataset>-<split>-samples.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_show)
+    return parser

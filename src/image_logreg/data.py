@@ -1,0 +1,129 @@
+"""Datasets: torchvision finds, fetches and parses the IDX files; we keep them as tensors.
+
+Each split is read once into a uint8 tensor (N x H x W) and scaled to [0, 1] floats on the
+chosen device, exactly as torchvision's ``ToTensor`` would, so batches are plain tensor slices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from .errors import DataError, UsageError
+
+DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
+SPLITS = ("train", "test")
+
+
+@dataclass
+class ImageSet:
+    """One split of a dataset, held in memory."""
+
+    images: torch.Tensor  # uint8, N x H x W, as stored in the IDX file
+    labels: torch.Tensor  # int64, N
+    classes: list[str]
+    dataset: str
+    split: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:])
+
+
+def dataset_class(name: str):
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}") from None
+
+
+def raw_folder(name: str, data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir) / dataset_class(name).__name__ / "raw"
+
+
+def expected_files(name: str, split: str) -> tuple[str, str]:
+    """The uncompressed (images, labels) file names torchvision expects for a split."""
+    prefix = "train" if split == "train" else "t10k"
+    return (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+
+
+def load_split(
+    name: str, data_dir: str | os.PathLike = "data", split: str = "train", download: bool = True
+) -> ImageSet:
+    """Read one split of ``name`` from ``data_dir`` (torchvision's layout), fetching it if missing."""
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    folder = raw_folder(name, data_dir)
+    image_file, label_file = (folder / f for f in expected_files(name, split))
+    missing = [p.name for p in (image_file, label_file) if not p.is_file()]
+    if missing:
+        _fetch(name, data_dir, split, folder, missing, download)
+
+    images = _read_idx(read_image_file, image_file, "image")
+    labels = _read_idx(read_label_file, label_file, "label").long()
+    classes = list(dataset_class(name).classes)
+    if images.ndim != 3 or len(images) != len(labels):
+        raise DataError(
+            f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels; "
+            "the files do not belong together"
+        )
+    if len(labels) == 0:
+        raise DataError(f"{label_file} holds no samples")
+    if int(labels.min()) < 0 or int(labels.max()) >= len(classes):
+        raise DataError(f"{label_file} has labels outside 0..{len(classes) - 1}; the file is corrupt")
+    return ImageSet(images, labels, classes, name, split)
+
+
+def _fetch(name, data_dir, split, folder, missing, download):
+    where = f"{', '.join(missing)} not found in {folder}"
+    hint = f"pass --data-dir DIR where DIR/{folder.parent.name}/raw/ holds the IDX files"
+    if not download:
+        raise DataError(f"{name} {split} data missing: {where}; {hint}")
+    try:
+        # torchvision reports download progress on stdout, which belongs to --json output.
+        with contextlib.redirect_stdout(sys.stderr):
+            dataset_class(name)(root=str(data_dir), train=split == "train", download=True)
+    except Exception as exc:  # any network or disk failure ends the same way for the user
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{name} {split} data missing: {where} and download failed ({reason}); {hint}") from None
+
+
+def _read_idx(reader, path: Path, kind: str) -> torch.Tensor:
+    try:
+        return reader(str(path))
+    except Exception as exc:  # torchvision signals bad headers and short files in several ways
+        raise DataError(f"{path} is not a valid IDX {kind} file (corrupt or truncated: {exc.__class__.__name__})") from None
+
+
+def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images to float32 in [0, 1] on ``device``, as ``ToTensor`` scales them."""
+    return images.to(device).float().div_(255.0)
+
+
+def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle 0..n-1 with ``seed`` and cut off ``val_fraction`` of it as the validation set."""
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    n_val = int(round(n * val_fraction))
+    if n_val == 0 or n_val == n:
+        raise UsageError(f"--val-fraction {val_fraction} leaves an empty train or validation set of {n} samples")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[n_val:], perm[:n_val]
+
+
+def subset_indices(indices: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random ``size`` of ``indices`` (the tutorial's "train on a small subset")."""
+    if not 0 < size <= len(indices):
+        raise UsageError(f"--train-subset must be between 1 and {len(indices)}, got {size}")
+    perm = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed + 1))
+    return indices[perm[:size]]

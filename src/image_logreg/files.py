@@ -1,0 +1,104 @@
+"""Writing files so that nothing a user had is half-written or silently replaced."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from .errors import UsageError
+
+# mkstemp/mkdtemp create private (0600/0700) paths; results should get the user's usual mode.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # writers may have recreated the file with their own mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict]) -> Path:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return write_text(path, buf.getvalue())
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "output") -> Path:
+    """Stop before any work if ``path`` exists and the user did not ask to replace it."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UsageError(f"{path} already exists; choose another {what} or pass --overwrite to replace it")
+    return path
+
+
+def default_run_dir(root: str | os.PathLike = "runs", tag: str = "") -> Path:
+    """``runs/<timestamp>[-tag]``, with a counter if that name is taken."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(root) / (f"{stamp}-{tag}" if tag else stamp)
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike, overwrite: bool = False):
+    """Build a directory under a temporary name; it appears at ``final`` only when complete.
+
+    An interrupted or failed run leaves nothing behind, and an existing directory is replaced
+    only with ``overwrite`` and only once the new one is whole.
+    """
+    final = Path(final)
+    refuse_existing(final, overwrite, "--out directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    os.chmod(stage, 0o777 & ~_UMASK)
+    try:
+        yield stage
+        refuse_existing(final, overwrite, "--out directory")
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(stage, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(stage, final)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage)

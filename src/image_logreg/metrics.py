@@ -1,0 +1,63 @@
+"""Loss, accuracy and the confusion matrix, computed over whole tensors without autograd."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+EVAL_CHUNK = 16384  # rows per forward pass: bounds memory, large enough to amortise overhead
+
+
+@torch.inference_mode()
+def logits_of(model, x: torch.Tensor, chunk: int = EVAL_CHUNK) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+    model.train(was_training)
+    return out
+
+
+@torch.inference_mode()
+def loss_and_accuracy(model, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over all of ``(x, y)``."""
+    logits = logits_of(model, x)
+    loss = F.cross_entropy(logits, y, reduction="sum") / len(y)
+    acc = (logits.argmax(1) == y).float().mean()
+    return loss.item(), acc.item()
+
+
+def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``cm[i, j]`` counts samples of true class ``i`` predicted as ``j``."""
+    flat = y_true.long().cpu() * num_classes + y_pred.long().cpu()
+    return torch.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def per_class_scores(cm: torch.Tensor) -> dict[str, list[float | None]]:
+    """Accuracy (= recall), precision and F1 of each class from a confusion matrix."""
+    cm = cm.double()
+    tp = cm.diag()
+    support, predicted = cm.sum(1), cm.sum(0)
+    recall = tp / support
+    precision = tp / predicted
+    f1 = 2 * precision * recall / (precision + recall)
+    as_list = lambda t: [None if v != v else round(v, 6) for v in t.tolist()]  # NaN -> None for JSON
+    return {"recall": as_list(recall), "precision": as_list(precision), "f1": as_list(f1), "support": [int(s) for s in support]}
+
+
+@torch.inference_mode()
+def evaluate(model, x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:
+    """Loss, accuracy, per-class accuracy and the confusion matrix of ``model`` on ``(x, y)``."""
+    logits = logits_of(model, x)
+    y = y.to(logits.device)
+    pred = logits.argmax(1)
+    cm = confusion_matrix(y, pred, len(classes))
+    scores = per_class_scores(cm)
+    return {
+        "n": len(y),
+        "loss": (F.cross_entropy(logits, y, reduction="sum") / len(y)).item(),
+        "accuracy": (pred == y).float().mean().item(),
+        "per_class": {c: acc for c, acc in zip(classes, scores["recall"])},
+        "precision": dict(zip(classes, scores["precision"])),
+        "f1": dict(zip(classes, scores["f1"])),
+        "confusion": cm.tolist(),
+    }

@@ -1,0 +1,43 @@
+"""The model: flatten, one linear layer, softmax. Multinomial logistic regression."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LogisticRegression(nn.Module):
+    """``logits = x.flatten() @ W.T + b``; probabilities are the softmax of the logits.
+
+    Parameter names (``linear.weight``, ``linear.bias``) match the tutorial's ``MnistModel``,
+    so its saved ``state_dict`` loads as is.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...] = (28, 28), num_classes: int = 10):
+        super().__init__()
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.num_classes = int(num_classes)
+        self.linear = nn.Linear(math.prod(self.input_shape), self.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.reshape(x.shape[0], -1))
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self(x), dim=1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self(x).argmax(dim=1)
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Accuracy on ``(x, y)``, as scikit-learn's ``score``."""
+        return (self.predict(x) == y.to(x.device)).float().mean().item()
+
+    @property
+    def device(self) -> torch.device:
+        return self.linear.weight.device

@@ -1,0 +1,161 @@
+"""A training run from start to finish, and the run directory that records it.
+
+A run directory holds everything needed to understand and repeat a run:
+``config.json`` (every setting), ``split.json`` (the validation indices), ``history.json``
+and ``history.csv`` (per-epoch metrics), ``model.safetensors`` (weights + metadata) and
+``curves.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import CHECKPOINT_NAME, DEFAULT_PREPROCESSING, save_model
+from .data import ImageSet, load_split, split_indices, subset_indices, to_float
+from .errors import UsageError
+from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
+from .model import LogisticRegression
+from .plots import plot_curves
+from .train import TrainConfig, fit, resolve_device
+
+DATA_DEFAULTS = {
+    "dataset": "mnist",
+    "data_dir": "data",
+    "val_fraction": 0.2,
+    "train_subset": None,
+    "device": "auto",
+    "download": True,
+}
+
+
+def default_config(**overrides) -> dict:
+    """The full, flat run configuration: data settings plus ``TrainConfig``'s fields."""
+    config = dict(DATA_DEFAULTS, **TrainConfig().to_dict())
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    config.update(overrides)
+    return config
+
+
+def preprocessing_of(config: dict) -> dict:
+    return dict(DEFAULT_PREPROCESSING)
+
+
+def prepare_inputs(images: torch.Tensor, preprocessing: dict, device) -> torch.Tensor:
+    """uint8 images to the float tensor the model sees, as recorded in its metadata."""
+    return to_float(images, device)
+
+
+def split_for(config: dict, n: int) -> dict:
+    """The seeded train/validation split (and optional training subset) as plain lists."""
+    train_idx, val_idx = split_indices(n, config["val_fraction"], config["seed"])
+    if config.get("train_subset"):
+        train_idx = subset_indices(train_idx, int(config["train_subset"]), config["seed"])
+    return {
+        "n": n,
+        "val_fraction": config["val_fraction"],
+        "seed": config["seed"],
+        "train_subset": config.get("train_subset"),
+        "train_indices": train_idx.tolist(),
+        "val_indices": val_idx.tolist(),
+    }
+
+
+def train_run(config: dict, out=None, *, overwrite: bool = False, progress: bool = False, log=None) -> dict:
+    """Load data, split, fit, and write a complete run directory. Returns a summary dict."""
+    config = default_config(**config)
+    cfg = TrainConfig.from_dict(config).check()
+    device = resolve_device(config["device"])
+    out = Path(out) if out else default_run_dir("runs", config["dataset"])
+    log = log or (lambda msg: None)
+
+    with staged_dir(out, overwrite) as stage:  # refuses an existing --out before any work
+        data = load_split(config["dataset"], config["data_dir"], "train", download=config["download"])
+        split = split_for(config, len(data))
+        preprocessing = preprocessing_of(config)
+        x = prepare_inputs(data.images, preprocessing, device)
+        y = data.labels.to(device)
+        train_idx = torch.tensor(split["train_indices"], device=device)
+        val_idx = torch.tensor(split["val_indices"], device=device)
+
+        torch.manual_seed(cfg.seed)
+        model = LogisticRegression(data.input_shape, len(data.classes)).to(device)
+        log(
+            f"training on {len(train_idx)} {config['dataset']} images, validating on {len(val_idx)} "
+            f"({cfg.optimizer}, lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, {device})"
+        )
+
+        def report(h):
+            log(
+                f"epoch {h['epoch']:>3}/{cfg.epochs}  train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f}  "
+                f"val loss {h['val_loss']:.4f} acc {h['val_accuracy']:.4f}  {h['seconds']:.2f}s"
+            )
+
+        start = time.perf_counter()
+        history = fit(model, x[train_idx], y[train_idx], x[val_idx], y[val_idx], cfg, progress=progress, on_epoch=report)
+        seconds = time.perf_counter() - start
+
+        final = history[-1]
+        record = dict(config, device_used=str(device), **_environment())
+        write_json(stage / "config.json", record)
+        write_json(stage / "split.json", split)
+        write_json(stage / "history.json", history)
+        write_csv(stage / "history.csv", history)
+        metadata = {
+            "dataset": config["dataset"],
+            "classes": data.classes,
+            "preprocessing": preprocessing,
+            "config": {k: config[k] for k in config if k != "data_dir"},
+            "metrics": {k: final[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
+            "epochs": len(history),
+            "created": record["created"],
+        }
+        save_model(stage / CHECKPOINT_NAME, model, metadata)
+        plot_curves(history, stage / "curves.png", title=f"{config['dataset']} — logistic regression")
+
+    return {
+        "run_dir": str(out),
+        "epochs": len(history),
+        "seconds": seconds,
+        "val_accuracy": final["val_accuracy"],
+        "val_loss": final["val_loss"],
+        "history": history,
+    }
+
+
+def _environment() -> dict:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "image_logreg_version": __version__,
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+def eval_data(meta: dict, split: str, data_dir, checkpoint: Path, download: bool = True) -> ImageSet:
+    """The test set, or the run's own validation set (read back from its ``split.json``)."""
+    if split == "test":
+        return load_split(meta["dataset"], data_dir, "test", download=download)
+    if split != "val":
+        raise UsageError(f"unknown split {split!r}; choose from test, val")
+    split_file = checkpoint.parent / "split.json"
+    if not split_file.is_file():
+        raise UsageError(f"--split val needs the run's split.json beside {checkpoint.name}; none in {checkpoint.parent}")
+    indices = torch.tensor(read_json(split_file)["val_indices"])
+    data = load_split(meta["dataset"], data_dir, "train", download=download)
+    if len(indices) and int(indices.max()) >= len(data):
+        raise UsageError(f"{split_file} does not match the {meta['dataset']} training set in {data_dir}")
+    return ImageSet(data.images[indices], data.labels[indices], data.classes, data.dataset, "val")
+
+
+def default_data_dir() -> str:
+    return os.environ.get("IMAGE_LOGREG_DATA", DATA_DEFAULTS["data_dir"])

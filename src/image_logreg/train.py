@@ -1,0 +1,174 @@
+"""Training: minibatch gradient descent over preloaded tensors, validated every epoch.
+
+Batches are slices of a shuffled index into tensors that already sit on the device, so an
+epoch is a few hundred small matrix products and nothing else: no Dataset, no DataLoader,
+no per-sample work in Python.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .errors import DivergedError, UsageError
+from .metrics import loss_and_accuracy
+
+OPTIMIZERS = ("sgd", "adam", "lbfgs")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides how the weights are fitted. Defaults are the tuned ones."""
+
+    optimizer: str = "adam"
+    lr: float = 0.003
+    batch_size: int = 128
+    epochs: int = 10
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    seed: int = 0
+    lbfgs_iterations: int = 20  # L-BFGS iterations per epoch (one full-batch step)
+
+    def check(self) -> "TrainConfig":
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        for name in ("lr", "batch_size", "epochs", "lbfgs_iterations"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise UsageError(f"--{name.replace('_', '-')} must be zero or positive, got {value}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {name!r}; choose from auto, cpu, cuda")
+    return torch.device(name)
+
+
+def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = list(model.parameters())
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return torch.optim.LBFGS(
+        params, lr=cfg.lr, max_iter=cfg.lbfgs_iterations, history_size=20, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-9, tolerance_change=1e-12,
+    )
+
+
+def make_schedule(optimizer, cfg: TrainConfig, total_steps: int):
+    if cfg.schedule == "constant" or cfg.optimizer == "lbfgs":
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+
+
+def fit(
+    model,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    cfg: TrainConfig | None = None,
+    *,
+    progress: bool = False,
+    on_epoch=None,
+) -> list[dict]:
+    """Train ``model`` in place; return one record per epoch.
+
+    Each record holds ``train_loss``/``train_accuracy`` (over the whole training set at the end
+    of the epoch), ``val_loss``/``val_accuracy``, ``lr`` and ``seconds`` (wall time of the epoch,
+    training and both evaluations). ``on_epoch(record)`` is called after each epoch.
+    """
+    cfg = (cfg or TrainConfig()).check()
+    device = model.device
+    x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
+    optimizer = make_optimizer(model, cfg)
+    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    schedule = make_schedule(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    shuffler = torch.Generator().manual_seed(cfg.seed)
+    show = progress and sys.stderr.isatty()
+
+    history = []
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        if cfg.optimizer == "lbfgs":
+            _lbfgs_epoch(model, optimizer, x_train, y_train, cfg.weight_decay)
+        else:
+            order = torch.randperm(len(x_train), generator=shuffler).to(device)
+            batches = range(0, len(x_train), cfg.batch_size)
+            bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, file=sys.stderr, disable=not show)
+            for i in bar:
+                idx = order[i : i + cfg.batch_size]
+                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if schedule is not None:
+                    schedule.step()
+        train_loss, train_acc = loss_and_accuracy(model, x_train, y_train)
+        val_loss, val_acc = loss_and_accuracy(model, x_val, y_val)
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "train_accuracy": train_acc,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "lr": lr,
+            "seconds": time.perf_counter() - start,
+        }
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            raise DivergedError(
+                f"training diverged: the loss became {train_loss} in epoch {epoch} with learning rate "
+                f"{cfg.lr} ({cfg.optimizer}); try a smaller --lr"
+            )
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return history
+
+
+def _lbfgs_epoch(model, optimizer, x, y, weight_decay: float) -> None:
+    """One full-batch L-BFGS step (``lbfgs_iterations`` iterations with line search)."""
+    params = list(model.parameters())
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        if weight_decay:
+            # The same penalty SGD's and Adam's weight_decay apply: (wd / 2) * ||theta||^2.
+            loss = loss + 0.5 * weight_decay * sum(p.pow(2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
