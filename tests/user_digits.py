@@ -30,17 +30,18 @@ def write_user_digit(digit: np.ndarray, path_without_suffix: Path, rng: np.rando
     coverage = np.zeros((page_h, page_w), dtype=np.float32)
     coverage[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
 
+    # Fast PNG compression keeps tests quick; the pixels are the same at any level.
     path = Path(path_without_suffix).with_suffix(".jpg" if kind == "jpeg" else ".png")
     if kind == "png-RGBA":
-        _transparent_image(coverage, rng).save(path)
+        _transparent_image(coverage, rng).save(path, compress_level=1)
     elif kind == "png-L":
-        Image.fromarray(_to_uint8(_on_paper(coverage, rng, channels=1)[..., 0])).save(path)
+        Image.fromarray(_to_uint8(_on_paper(coverage, rng, channels=1)[..., 0])).save(path, compress_level=1)
     else:
         rgb = Image.fromarray(_to_uint8(_on_paper(coverage, rng, channels=3)))
         if kind == "jpeg":
             rgb.save(path, quality=int(rng.integers(75, 91)))
         else:
-            rgb.save(path)
+            rgb.save(path, compress_level=1)
     return path
 
 
@@ -71,11 +72,12 @@ def _on_paper(coverage: np.ndarray, rng: np.random.Generator, channels: int) -> 
     ink = rng.uniform(0.0, 70.0, size=channels)
     # A gentle brightness slope across the page, like a photo lit from one side.
     slope_y, slope_x = rng.uniform(-12.0, 12.0, size=2)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    lighting = slope_y * (yy / h - 0.5) + slope_x * (xx / w - 0.5)
-    noise = rng.normal(0.0, 2.5, size=(h, w, 1))
+    lighting = slope_y * (np.arange(h, dtype=np.float32)[:, None] / h - 0.5) + slope_x * (
+        np.arange(w, dtype=np.float32)[None, :] / w - 0.5
+    )
+    noise = 2.5 * rng.standard_normal(size=(h, w), dtype=np.float32)
     cov = coverage[..., None]
-    return paper * (1 - cov) + ink * cov + lighting[..., None] + noise
+    return (paper * (1 - cov) + ink * cov).astype(np.float32) + (lighting + noise)[..., None]
 
 
 def _transparent_image(coverage: np.ndarray, rng: np.random.Generator) -> Image.Image:

@@ -22,8 +22,8 @@ def loss_and_accuracy(model, x: torch.Tensor, y: torch.Tensor) -> tuple[float, f
     """Mean cross-entropy and accuracy over all of ``(x, y)``."""
     logits = logits_of(model, x)
     loss = F.cross_entropy(logits, y, reduction="sum") / len(y)
-    acc = (logits.argmax(1) == y).float().mean()
-    return loss.item(), acc.item()
+    correct = (logits.argmax(1) == y).sum()
+    return loss.item(), correct.item() / len(y)
 
 
 def confusion_matrix(y_true: torch.Tensor, y_pred: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -55,7 +55,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dic
     return {
         "n": len(y),
         "loss": (F.cross_entropy(logits, y, reduction="sum") / len(y)).item(),
-        "accuracy": (pred == y).float().mean().item(),
+        "accuracy": (pred == y).sum().item() / len(y),
         "per_class": {c: acc for c, acc in zip(classes, scores["recall"])},
         "precision": dict(zip(classes, scores["precision"])),
         "f1": dict(zip(classes, scores["f1"])),

@@ -36,7 +36,7 @@ class LogisticRegression(nn.Module):
     @torch.no_grad()
     def score(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Accuracy on ``(x, y)``, as scikit-learn's ``score``."""
-        return (self.predict(x) == y.to(x.device)).float().mean().item()
+        return (self.predict(x) == y.to(x.device)).sum().item() / len(y)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,220 @@
+"""The command line, end to end on tiny datasets: outputs, run directories and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from image_logreg.cli import main
+
+FAST = ["--epochs", "3", "--quiet", "--no-download"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train(capsys, toy_data, out, *extra):
+    code, stdout, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", out, *FAST, "--json", *extra)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+def assert_one_line_error(code, out, err, *fragments):
+    assert code == 2
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("image-logreg: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_train_json_and_run_directory(capsys, toy_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(capsys, toy_data, out)
+    assert summary["run_dir"] == str(out) and summary["epochs"] == 3 and summary["seconds"] > 0
+    assert summary["val_accuracy"] > 0.9 and summary["val_loss"] == summary["history"][-1]["val_loss"]
+    assert set(summary["history"][0]) >= {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"}
+    for name in ("config.json", "split.json", "history.json", "history.csv", "model.safetensors", "curves.png"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"] == "adam" and config["epochs"] == 3 and config["dataset"] == "mnist"
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["val_indices"]) == 120 and len(split["train_indices"]) == 480
+    assert not set(split["val_indices"]) & set(split["train_indices"])
+    assert (out / "history.csv").read_text().count("\n") == 4
+    assert Image.open(out / "curves.png").size[0] > 500
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging leftovers
+
+
+def test_train_refuses_existing_run_dir_unless_overwrite(capsys, toy_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, stdout, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", out, *FAST)
+    assert_one_line_error(code, stdout, err, "already exists", "--overwrite")
+    assert (out / "notes.txt").read_text() == "mine"
+    train(capsys, toy_data, out, "--overwrite")
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+
+
+def test_train_subset_and_tutorial_settings(capsys, toy_data, tmp_path):
+    summary = train(
+        capsys, toy_data, tmp_path / "run", "--optimizer", "sgd", "--lr", "0.001", "--batch-size", "100",
+        "--schedule", "constant", "--train-subset", "100", "--val-fraction", "0.5", "--seed", "3",
+    )
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert len(split["train_indices"]) == 100 and len(split["val_indices"]) == 300
+    assert summary["history"][0]["lr"] == 0.001
+
+
+def test_evaluate_test_and_val(capsys, toy_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(capsys, toy_data, out)
+    code, stdout, _ = run_cli(capsys, "evaluate", out, "--json")
+    result = json.loads(stdout)
+    assert code == 0 and result["n"] == 200 and result["accuracy"] > 0.9
+    assert len(result["confusion"]) == 10 and sum(map(sum, result["confusion"])) == 200
+    assert set(result["per_class"]) == {f"{i} - {w}" for i, w in enumerate("zero one two three four five six seven eight nine".split())}
+    code, stdout, _ = run_cli(capsys, "evaluate", out, "--split", "val", "--json")
+    val = json.loads(stdout)
+    assert val["n"] == 120 and val["accuracy"] == pytest.approx(summary["val_accuracy"])
+    assert val["loss"] == pytest.approx(summary["val_loss"], rel=1e-5)
+    code, stdout, _ = run_cli(capsys, "evaluate", out / "model.safetensors")
+    assert code == 0 and "accuracy" in stdout and "confusion matrix" in stdout
+
+
+def test_predict_index_and_files(capsys, toy_data, tmp_path):
+    out = tmp_path / "run"
+    train(capsys, toy_data, out)
+    code, stdout, _ = run_cli(capsys, "predict", out, "--index", "0", "5", "--json", "--top-k", "2")
+    preds = json.loads(stdout)
+    assert code == 0 and [p["source"] for p in preds] == ["test[0]", "test[5]"]
+    assert all(len(p["top_k"]) == 2 and p["top_k"][0]["probability"] >= p["top_k"][1]["probability"] for p in preds)
+    assert preds[0]["label"] == preds[0]["true_label"]
+
+    from image_logreg.data import load_split
+
+    test = load_split("mnist", toy_data, "test", download=False)
+    Image.fromarray(test.images[0].numpy()).save(tmp_path / "digit.png")
+    # the toy images have a noisy background, so only --no-normalize feeds them exactly as stored
+    code, stdout, _ = run_cli(capsys, "predict", out, tmp_path / "digit.png", "--json", "--no-normalize")
+    (pred,) = json.loads(stdout)
+    assert code == 0 and pred["source"] == str(tmp_path / "digit.png")
+    assert pred["top_k"][0]["probability"] == pytest.approx(preds[0]["top_k"][0]["probability"], abs=1e-6)
+    assert len(pred["top_k"]) == 3
+
+
+def test_predict_bad_file_reports_it_and_goes_on(capsys, toy_data, tmp_path):
+    out = tmp_path / "run"
+    train(capsys, toy_data, out)
+    from image_logreg.data import load_split
+
+    Image.fromarray(load_split("mnist", toy_data, "test", download=False).images[0].numpy()).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_text("this is not an image")
+    code, stdout, err = run_cli(capsys, "predict", out, tmp_path / "bad.png", tmp_path / "good.png", "--json")
+    assert code == 2
+    assert [p["source"] for p in json.loads(stdout)] == [str(tmp_path / "good.png")]
+    assert len(err.strip().splitlines()) == 1 and "bad.png" in err and "Traceback" not in err
+
+
+def test_show_writes_a_grid_and_keeps_existing_files(capsys, toy_data, tmp_path):
+    grid = tmp_path / "grid.png"
+    code, stdout, _ = run_cli(capsys, "show", "--data-dir", toy_data, "--out", grid, "--count", "10")
+    assert code == 0 and Image.open(grid).size[0] > 300
+    code, stdout, err = run_cli(capsys, "show", "--data-dir", toy_data, "--out", grid)
+    assert_one_line_error(code, stdout, err, "already exists")
+
+
+def test_tutorial_state_dict_evaluates(capsys, toy_data, tmp_path):
+    from image_logreg import LogisticRegression
+
+    torch.manual_seed(0)
+    torch.save(LogisticRegression().state_dict(), tmp_path / "tutorial.pth")
+    code, stdout, _ = run_cli(capsys, "evaluate", tmp_path / "tutorial.pth", "--data-dir", toy_data, "--json")
+    assert code == 0 and json.loads(stdout)["n"] == 200
+    code, stdout, _ = run_cli(
+        capsys, "evaluate", tmp_path / "tutorial.pth", "--dataset", "fashion-mnist", "--data-dir", toy_data, "--json"
+    )
+    assert code == 0 and "T-shirt/top" in json.loads(stdout)["per_class"]
+
+
+# --- bad input: one line on stderr, exit 2 -------------------------------------------------------
+
+
+def test_missing_dataset(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--data-dir", tmp_path / "empty", "--out", tmp_path / "r", *FAST)
+    assert_one_line_error(code, out, err, "train-images-idx3-ubyte", "--data-dir")
+    assert not (tmp_path / "r").exists()
+
+
+def test_truncated_dataset(capsys, toy_data, tmp_path):
+    path = toy_data / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-1000])
+    code, out, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", tmp_path / "r", *FAST)
+    assert_one_line_error(code, out, err, "corrupt or truncated")
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--lr", "-1"], "--lr must be positive"),
+        (["--lr", "nan"], "--lr must be positive"),
+        (["--epochs", "0"], "--epochs must be positive"),
+        (["--batch-size", "x"], "invalid int value"),
+        (["--val-fraction", "1.5"], "--val-fraction"),
+        (["--train-subset", "100000"], "--train-subset"),
+        (["--optimizer", "rmsprop"], "invalid choice"),
+        (["--device", "tpu"], "invalid choice"),
+    ],
+)
+def test_bad_flag_values(capsys, toy_data, tmp_path, flags, fragment):
+    code, out, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", tmp_path / "r", *FAST, *flags)
+    assert_one_line_error(code, out, err, fragment)
+    assert not (tmp_path / "r").exists()
+
+
+def test_diverging_run(capsys, toy_data, tmp_path):
+    code, out, err = run_cli(
+        capsys, "train", "--data-dir", toy_data, "--out", tmp_path / "r", *FAST,
+        "--optimizer", "sgd", "--lr", "1e38", "--schedule", "constant",
+    )
+    assert_one_line_error(code, out, err, "diverged", "1e+38")
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_of_the_wrong_shape(capsys, toy_data, tmp_path):
+    from image_logreg import LogisticRegression
+
+    torch.save(LogisticRegression((28, 28), 3).state_dict(), tmp_path / "three.pth")
+    code, out, err = run_cli(capsys, "evaluate", tmp_path / "three.pth", "--data-dir", toy_data)
+    assert_one_line_error(code, out, err, "three.pth", "shape")
+
+
+def test_predict_needs_something_to_predict(capsys, toy_data, tmp_path):
+    train(capsys, toy_data, tmp_path / "run")
+    code, out, err = run_cli(capsys, "predict", tmp_path / "run")
+    assert_one_line_error(code, out, err, "--index")
+    code, out, err = run_cli(capsys, "predict", tmp_path / "run", "--index", "100000")
+    assert_one_line_error(code, out, err, "out of range")
+
+
+def test_module_entry_point_has_no_traceback(tmp_path):
+    """``python -m image_logreg`` works, and bad input never shows a traceback."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ok = subprocess.run([sys.executable, "-m", "image_logreg", "--version"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and ok.stdout.startswith("image-logreg ")
+    bad = subprocess.run(
+        [sys.executable, "-m", "image_logreg", "evaluate", str(tmp_path / "missing")],
+        capture_output=True, text=True, env=env,
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr

@@ -1,0 +1,172 @@
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from image_logreg import deskew as deskew_module
+from image_logreg.deskew import DESKEW, deskew
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RAW = DATA / "MNIST" / "raw"
+
+
+def moments(img):
+    """Centre of mass, skew cov(x,y)/var(y) and column spread, computed here in
+    numpy so the tests do not trust the module's own arithmetic."""
+    a = np.asarray(img, dtype=np.float64)
+    y, x = np.mgrid[: a.shape[0], : a.shape[1]]
+    m = a.sum()
+    mx, my = (a * x).sum() / m, (a * y).sum() / m
+    var_y = (a * (y - my) ** 2).sum() / m
+    cov = (a * (x - mx) * (y - my)).sum() / m
+    spread_x = np.sqrt((a * (x - mx) ** 2).sum() / m)
+    return mx, my, cov / var_y, spread_x
+
+
+def sheared_bar(shear, width=3, centre_col=12, rows=range(5, 23)):
+    img = np.zeros((28, 28), np.uint8)
+    for r in rows:
+        c = int(round(centre_col + shear * (r - 14)))
+        img[r, c : c + width] = 255
+    return img
+
+
+def blob(cy, cx, sy=3.0, sx=1.5, shear=0.0, size=28):
+    """A smooth elongated stroke centred at (cy, cx), leaning by `shear`."""
+    y, x = np.mgrid[:size, :size].astype(np.float64)
+    u = (x - cx) - shear * (y - cy)
+    return np.exp(-0.5 * ((y - cy) / sy) ** 2 - 0.5 * (u / sx) ** 2)
+
+
+@pytest.mark.parametrize("shear", [0.3, -0.3])
+def test_sheared_stroke_comes_back_upright(shear):
+    img = sheared_bar(shear)
+    _, _, skew_in, spread_in = moments(img)
+    assert abs(skew_in) > 0.25  # the test input really is skewed
+
+    out = deskew(torch.from_numpy(img)).numpy()
+    _, _, skew_out, spread_out = moments(out)
+    assert abs(skew_out) < 0.05
+    assert spread_out < 0.7 * spread_in
+
+
+def test_upright_centred_input_changes_little():
+    # Symmetric about the vertical axis (no skew), centre of mass a quarter
+    # pixel off the image centre so the resampling is really exercised.
+    img = blob(13.75, 13.75, sy=5.0, sx=2.0)
+    out = deskew(torch.from_numpy(img)).numpy()
+    assert np.abs(out - img).sum() < 0.1 * img.sum()
+
+
+@pytest.mark.parametrize("cy,cx,shear", [(10.0, 17.0, 0.4), (16.3, 9.6, -0.25), (13.5, 13.5, 0.0), (15.0, 12.0, 0.1)])
+def test_centre_of_mass_moves_to_image_centre(cy, cx, shear):
+    img = blob(cy, cx, shear=shear)
+    out = deskew(torch.from_numpy(img)).numpy()
+    mx, my, skew, _ = moments(out)
+    assert abs(mx - 13.5) < 0.5 and abs(my - 13.5) < 0.5
+    assert abs(skew) < 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
+def test_dtype_shape_and_device_preserved(dtype):
+    imgs = torch.from_numpy(np.stack([sheared_bar(0.3), sheared_bar(-0.2, width=2)]))
+    imgs = imgs.to(dtype) if dtype == torch.uint8 else imgs.to(dtype) / 255
+    out = deskew(imgs)
+    assert out.dtype == dtype and out.shape == imgs.shape and out.device == imgs.device
+
+    single = deskew(imgs[0])  # 2-D input
+    assert single.shape == (28, 28) and single.dtype == dtype
+    assert torch.equal(single, out[0]) or torch.allclose(single.double(), out[0].double(), atol=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_stays_on_cuda():
+    imgs = torch.from_numpy(np.stack([sheared_bar(0.3)])).cuda()
+    out = deskew(imgs)
+    assert out.device == imgs.device and out.dtype == torch.uint8
+    assert torch.allclose(out.cpu().double(), deskew(imgs.cpu()).double(), atol=1)
+
+
+def test_blank_and_degenerate_images():
+    blank = torch.zeros(28, 28, dtype=torch.uint8)
+    assert torch.equal(deskew(blank), blank)
+
+    one_row = torch.zeros(28, 28)
+    one_row[14, 5:20] = 1.0  # var(y) = 0: skew undefined, must not be NaN
+    batch = torch.stack([torch.zeros(28, 28), one_row, torch.zeros(28, 28)])
+    out = deskew(batch)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[0], torch.zeros(28, 28)) and torch.equal(out[2], torch.zeros(28, 28))
+    assert out[1].sum() > 0
+
+
+def test_batch_matches_single_images_across_chunks(monkeypatch):
+    rng = np.random.default_rng(0)
+    imgs = np.stack(
+        [blob(rng.uniform(11, 16), rng.uniform(11, 16), shear=rng.uniform(-0.4, 0.4)) for _ in range(7)]
+        + [np.zeros((28, 28))]
+    ).astype(np.float32)
+    imgs = torch.from_numpy(imgs)
+    whole = deskew(imgs)
+    singles = torch.stack([deskew(im) for im in imgs])
+    torch.testing.assert_close(whole, singles, atol=1e-5, rtol=0)
+
+    monkeypatch.setattr(deskew_module, "CHUNK", 3)  # chunk boundaries inside the batch
+    torch.testing.assert_close(deskew(imgs), whole, atol=1e-5, rtol=0)
+
+
+def test_description_is_plain_json():
+    assert DESKEW["name"] == "moment-deskew"
+    assert json.loads(json.dumps(DESKEW)) == DESKEW
+
+
+def test_rejects_wrong_rank():
+    with pytest.raises(ValueError):
+        deskew(torch.zeros(2, 1, 28, 28))
+
+
+def _read_idx(path):
+    """IDX files read directly with numpy: avoids importing torchvision."""
+    raw = path.read_bytes()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
+
+
+def _logreg_accuracy(x_train, y_train, x_test, y_test):
+    """Multinomial logistic regression on pixels in [0, 1], full-batch L-BFGS."""
+    torch.manual_seed(0)
+    x_train = x_train.reshape(len(x_train), -1).float() / 255
+    x_test = x_test.reshape(len(x_test), -1).float() / 255
+    model = torch.nn.Linear(x_train.shape[1], 10)
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=60, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x_train), y_train) + 5e-5 * model.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (model(x_test).argmax(1) == y_test).float().mean().item()
+
+
+def test_deskewing_helps_a_linear_classifier_on_mnist():
+    if not (RAW / "train-images-idx3-ubyte").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"MNIST not found under {RAW}")
+        pytest.skip(f"MNIST not found under {RAW}")
+    n_train, n_test = 10000, 5000
+    x_train = _read_idx(RAW / "train-images-idx3-ubyte")[:n_train]
+    y_train = _read_idx(RAW / "train-labels-idx1-ubyte")[:n_train].long()
+    x_test = _read_idx(RAW / "t10k-images-idx3-ubyte")[:n_test]
+    y_test = _read_idx(RAW / "t10k-labels-idx1-ubyte")[:n_test].long()
+
+    raw = _logreg_accuracy(x_train, y_train, x_test, y_test)
+    deskewed = _logreg_accuracy(deskew(x_train), y_train, deskew(x_test), y_test)
+    assert deskewed > raw + 0.02, (raw, deskewed)

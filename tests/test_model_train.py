@@ -1,0 +1,99 @@
+import math
+
+import pytest
+import torch
+
+from image_logreg import LogisticRegression, TrainConfig, fit, load_split, split_indices, to_float
+from image_logreg.errors import DivergedError, UsageError
+from image_logreg.metrics import confusion_matrix, evaluate
+
+
+def toy_tensors(toy_data):
+    data = load_split("mnist", toy_data, "train", download=False)
+    train_idx, val_idx = split_indices(len(data), 0.2, seed=0)
+    x, y = to_float(data.images), data.labels
+    return x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+
+
+def test_model_shapes_and_probabilities():
+    model = LogisticRegression((28, 28), 10)
+    assert sum(p.numel() for p in model.parameters()) == 7850
+    x = torch.rand(5, 28, 28)
+    assert model(x).shape == (5, 10)
+    assert model(x.reshape(5, 1, 28, 28)).shape == (5, 10)  # ToTensor's 1x28x28 works too
+    proba = model.predict_proba(x)
+    assert torch.allclose(proba.sum(1), torch.ones(5)) and (proba >= 0).all()
+    assert torch.equal(model.predict(x), proba.argmax(1))
+    assert LogisticRegression((8, 6), 3).linear.weight.shape == (3, 48)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        TrainConfig(),
+        TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=32, epochs=6, schedule="constant"),
+        TrainConfig(optimizer="lbfgs", lr=1.0, epochs=3, weight_decay=1e-4),
+    ],
+    ids=["default-adam", "sgd-momentum", "lbfgs"],
+)
+def test_fit_lowers_loss_and_learns(toy_data, cfg):
+    x, y, xv, yv = toy_tensors(toy_data)
+    torch.manual_seed(0)
+    model = LogisticRegression()
+    before = torch.nn.functional.cross_entropy(model(xv), yv).item()
+    history = fit(model, x, y, xv, yv, cfg)
+    assert len(history) == cfg.epochs
+    assert history[-1]["val_loss"] < before * 0.5
+    assert history[-1]["val_accuracy"] > 0.9
+    assert set(history[0]) >= {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "lr"}
+    assert all(h["seconds"] > 0 for h in history)
+
+
+def test_fit_is_reproducible(toy_data):
+    tensors = toy_tensors(toy_data)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = LogisticRegression()
+        fit(model, *tensors, TrainConfig(epochs=2))
+        runs.append(model.linear.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_cosine_schedule_decays_lr(toy_data):
+    history = fit(LogisticRegression(), *toy_tensors(toy_data), TrainConfig(epochs=4, lr=0.01))
+    lrs = [h["lr"] for h in history]
+    assert lrs[0] == 0.01 and lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.01
+
+
+def test_divergence_names_the_learning_rate(toy_data):
+    cfg = TrainConfig(optimizer="sgd", lr=1e38, epochs=3, schedule="constant")
+    with pytest.raises(DivergedError, match=r"learning rate 1e\+38.*--lr"):
+        fit(LogisticRegression(), *toy_tensors(toy_data), cfg)
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(lr=0), dict(lr=math.nan), dict(batch_size=0), dict(epochs=-1), dict(momentum=-1), dict(optimizer="rmsprop")]
+)
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(UsageError):
+        TrainConfig(**bad).check()
+
+
+def test_evaluate_reports_confusion_and_per_class():
+    model = LogisticRegression((2, 2), 3)
+    with torch.no_grad():
+        model.linear.weight.copy_(torch.eye(3, 4) * 10)
+        model.linear.bias.zero_()
+    x = torch.eye(4)[:3].reshape(3, 2, 2).repeat(2, 1, 1)  # one-hot pixel k -> class k
+    y = torch.tensor([0, 1, 2, 0, 1, 1])  # the last one is wrong: pixel 2 but label 1
+    result = evaluate(model, x, y, ["a", "b", "c"])
+    assert result["n"] == 6 and result["accuracy"] == pytest.approx(5 / 6)
+    assert result["confusion"] == [[2, 0, 0], [0, 2, 1], [0, 0, 1]]
+    assert result["per_class"] == {"a": 1.0, "b": pytest.approx(2 / 3, abs=1e-6), "c": 1.0}
+    assert result["precision"]["c"] == 0.5
+
+
+def test_confusion_matrix_counts():
+    cm = confusion_matrix(torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 1, 1]), 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [0, 1, 0]]
