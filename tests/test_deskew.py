@@ -55,9 +55,17 @@ def test_sheared_stroke_comes_back_upright(shear):
 
 
 def test_upright_centred_input_changes_little():
-    # Symmetric about the vertical axis (no skew), centre of mass a quarter
-    # pixel off the image centre so the resampling is really exercised.
-    img = blob(13.75, 13.75, sy=5.0, sx=2.0)
+    # An upright "0": symmetric about both axes through the image centre, so
+    # there is no skew and no shift and the map is the identity.
+    y, x = np.mgrid[:28, :28]
+    r = np.hypot((y - 13.5) / 8, (x - 13.5) / 5)
+    ring = ((r > 0.75) & (r < 1.0)).astype(np.uint8) * 255
+    out = deskew(torch.from_numpy(ring)).numpy().astype(np.int64)
+    assert np.abs(out - ring).sum() < 0.01 * ring.sum()
+
+    # A smooth upright stroke a tenth of a pixel off centre: only the small
+    # recentring shift happens, which changes little of the ink.
+    img = blob(13.6, 13.4, sy=5.0, sx=2.0)
     out = deskew(torch.from_numpy(img)).numpy()
     assert np.abs(out - img).sum() < 0.1 * img.sum()
 
@@ -80,7 +88,8 @@ def test_dtype_shape_and_device_preserved(dtype):
 
     single = deskew(imgs[0])  # 2-D input
     assert single.shape == (28, 28) and single.dtype == dtype
-    assert torch.equal(single, out[0]) or torch.allclose(single.double(), out[0].double(), atol=1)
+    atol = 1 if dtype == torch.uint8 else 1e-5  # uint8 rounding may flip at .5
+    torch.testing.assert_close(single.double(), out[0].double(), atol=atol, rtol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -143,7 +152,7 @@ def _logreg_accuracy(x_train, y_train, x_test, y_test):
     x_train = x_train.reshape(len(x_train), -1).float() / 255
     x_test = x_test.reshape(len(x_test), -1).float() / 255
     model = torch.nn.Linear(x_train.shape[1], 10)
-    opt = torch.optim.LBFGS(model.parameters(), max_iter=60, history_size=10, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=40, history_size=10, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -161,7 +170,7 @@ def test_deskewing_helps_a_linear_classifier_on_mnist():
         if os.environ.get("CI") == "true":
             pytest.fail(f"MNIST not found under {RAW}")
         pytest.skip(f"MNIST not found under {RAW}")
-    n_train, n_test = 10000, 5000
+    n_train, n_test = 6000, 4000
     x_train = _read_idx(RAW / "train-images-idx3-ubyte")[:n_train]
     y_train = _read_idx(RAW / "train-labels-idx1-ubyte")[:n_train].long()
     x_test = _read_idx(RAW / "t10k-images-idx3-ubyte")[:n_test]

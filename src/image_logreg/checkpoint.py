@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .data import dataset_class
+from .data import dataset_class, preprocessing_for
 from .errors import CheckpointError
 from .files import atomic_path
 from .model import LogisticRegression
@@ -24,7 +24,6 @@ FORMAT = "image-logreg"
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = "model.safetensors"
 TENSOR_KEYS = ("linear.weight", "linear.bias")
-DEFAULT_PREPROCESSING = {"scale": "x / 255", "deskew": False}
 
 
 def save_model(path: str | os.PathLike, model: LogisticRegression, metadata: dict) -> Path:
@@ -109,7 +108,7 @@ def _tutorial_metadata(dataset: str) -> dict:
         "classes": list(cls.classes),
         "input_shape": [28, 28],
         "num_classes": len(cls.classes),
-        "preprocessing": dict(DEFAULT_PREPROCESSING),
+        "preprocessing": preprocessing_for(deskewed=False),
         "source": "state_dict",
     }
 

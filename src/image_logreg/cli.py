@@ -70,10 +70,19 @@ def cmd_train(args) -> int:
         "weight_decay": args.weight_decay,
         "schedule": args.schedule,
         "seed": args.seed,
+        "deskew": args.deskew,
     }
     summary = train_run(
-        config, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log
+        config, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log,
+        tensorboard=args.tensorboard,
     )
+    if args.report:  # only now: the report reads the finished run directory
+        from .report import write_report
+
+        try:
+            summary["report"] = str(write_report(summary["run_dir"], args.data_dir, download=not args.no_download))
+        except ImageLogregError as exc:  # say the run itself is safe, not just what went wrong
+            raise type(exc)(f"run saved to {summary['run_dir']}, but its report failed: {exc}") from None
     if args.json:
         emit_json(summary)
     else:
@@ -81,13 +90,16 @@ def cmd_train(args) -> int:
             f"val accuracy {summary['val_accuracy']:.4f}, val loss {summary['val_loss']:.4f} after "
             f"{summary['epochs']} epochs ({summary['seconds']:.2f}s); run saved to {summary['run_dir']}"
         )
+        if "report" in summary:
+            print(f"report written to {summary['report']}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .checkpoint import resolve_checkpoint
     from .metrics import evaluate
-    from .run import eval_data, prepare_inputs
+    from .data import prepare_inputs
+    from .run import eval_data
     from .train import resolve_device
 
     model, meta, checkpoint, data_dir = open_model(args)
@@ -127,7 +139,6 @@ def cmd_predict(args) -> int:
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     model, meta, checkpoint, data_dir = open_model(args)
-    classes = meta["classes"]
     results, failures = [], 0
 
     if args.index is not None:
@@ -136,7 +147,7 @@ def cmd_predict(args) -> int:
         if bad:
             raise UsageError(f"--index {bad[0]} is out of range: the {args.split} set has {len(data)} images (0..{len(data) - 1})")
         chosen = torch.tensor(args.index)
-        preds = predict_images(model, data.images[chosen], classes, [f"{args.split}[{i}]" for i in args.index], args.top_k)
+        preds = predict_images(model, data.images[chosen], meta, [f"{args.split}[{i}]" for i in args.index], args.top_k)
         for p, i in zip(preds, args.index):
             p["true_label"] = data.classes[int(data.labels[i])]
         results += preds
@@ -150,7 +161,7 @@ def cmd_predict(args) -> int:
                 fail(str(exc), 2)
                 failures += 1
                 continue
-            results += predict_images(model, torch.from_numpy(image)[None], classes, [str(path)], args.top_k)
+            results += predict_images(model, torch.from_numpy(image)[None], meta, [str(path)], args.top_k)
 
     if args.json:
         emit_json(results)
@@ -180,6 +191,42 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import SWEEP_SETTINGS, grid_from_flags, print_summary, run_sweep
+
+    grid = grid_from_flags({name: getattr(args, name) for name in SWEEP_SETTINGS})
+    fixed = {"dataset": args.dataset, "data_dir": args.data_dir, "download": not args.no_download,
+             "device": args.device, "epochs": args.epochs, "seed": args.seed}
+    result = run_sweep(grid, fixed, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log)
+    if args.json:
+        emit_json(result)
+    else:
+        print_summary(result)
+    return 2 if result["failed"] else 0
+
+
+def cmd_runs(args) -> int:
+    from .runs import find_runs, print_runs
+
+    runs = find_runs(args.dir, sort=args.sort, warn=log)
+    if args.json:
+        emit_json(runs)
+    else:
+        print_runs(runs, args.dir)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import make_report
+
+    result = make_report(args.run, args.data_dir, download=not args.no_download)
+    if args.json:
+        emit_json({"report": result["report"], "test_accuracy": result["test_accuracy"], "ece": result["ece"]})
+    else:
+        print(result["report"])
+    return 0
+
+
 def open_model(args):
     """Load ``args.model``; return (model, metadata, checkpoint path, data dir to use)."""
     from .checkpoint import load_model, resolve_checkpoint
@@ -201,19 +248,22 @@ def open_model(args):
 def build_parser() -> argparse.ArgumentParser:
     from .data import DATASETS
     from .run import default_data_dir
-    from .train import OPTIMIZERS, SCHEDULES, TrainConfig
+    from .train import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig
 
     defaults = TrainConfig()
     parser = Parser(prog="image-logreg", description="Image classification with logistic regression in PyTorch.")
     parser.add_argument("--version", action="version", version=f"image-logreg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
-    def data_flags(p, dataset_default="mnist"):
-        p.add_argument("--dataset", choices=list(DATASETS), default=dataset_default, help="dataset (default: %(default)s)")
-        p.add_argument(
-            "--data-dir", default=default_data_dir() if dataset_default else None,
-            help="folder holding MNIST/raw/ or FashionMNIST/raw/ (default: ./data, or $IMAGE_LOGREG_DATA)",
-        )
+    def data_flags(p, for_model=False):
+        if for_model:
+            dataset_help = "dataset the model was trained on (default: from the checkpoint; mnist for a state_dict)"
+            dir_help = "folder holding MNIST/raw/ or FashionMNIST/raw/ (default: the run's own, else ./data)"
+        else:
+            dataset_help = "dataset (default: %(default)s)"
+            dir_help = "folder holding MNIST/raw/ or FashionMNIST/raw/ (default: ./data, or $IMAGE_LOGREG_DATA)"
+        p.add_argument("--dataset", choices=list(DATASETS), default=None if for_model else "mnist", help=dataset_help)
+        p.add_argument("--data-dir", default=None if for_model else default_data_dir(), help=dir_help)
         p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
 
     p = sub.add_parser("train", help="train a model and save a run directory")
@@ -221,23 +271,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction held out for validation (default: %(default)s)")
     p.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on a random N of the training split")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="learning rate (default: %(default)s)")
+    p.add_argument(
+        "--lr", type=float, default=None,
+        help="learning rate (default: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_LR.items()) + ")",
+    )
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
     p.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 penalty (default: %(default)s)")
     p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule (default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
+    p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
     p.add_argument("--out", default=None, help="run directory to create (default: runs/<timestamp>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--json", action="store_true", help="print one JSON document with the results")
+    p.add_argument(
+        "--tensorboard", nargs="?", const=True, default=None, metavar="DIR",
+        help="log TensorBoard events to the run's tensorboard/ folder, or to DIR/<run name> (needs image-logreg[tensorboard])",
+    )
+    p.add_argument("--report", action="store_true", help="also write report.html into the run directory (see `report`)")
     p.set_defaults(func=cmd_train)
 
     def model_flags(p):
         p.add_argument("model", metavar="MODEL", help="run directory, .safetensors checkpoint or tutorial state_dict (.pth)")
-        data_flags(p, dataset_default=None)
+        data_flags(p, for_model=True)
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
         p.add_argument("--json", action="store_true", help="print one JSON document with the results")
 
@@ -263,4 +322,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG file to write (default: <dataset>-<split>-samples.png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("sweep", help="train a grid of settings, compare them by validation accuracy (resumable)")
+    data_flags(p)
+    for name, example, default in (
+        ("lr", "0.001,0.01", defaults.lr), ("batch_size", "100,256", defaults.batch_size), ("val_fraction", "0.1,0.2", 0.2),
+        ("train_subset", "1000,all", "all"), ("optimizer", "sgd,adam", defaults.optimizer), ("weight_decay", "0,1e-4", defaults.weight_decay),
+    ):
+        p.add_argument(f"--{name.replace('_', '-')}", metavar=example, help=f"comma-separated values (default: {'per optimizer' if default is None else default})")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
+    p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--out", required=True, help="sweep directory: one run directory per configuration, plus sweep.csv/.md/.png")
+    p.add_argument("--overwrite", action="store_true", help="retrain configurations that are already done")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--json", action="store_true", help="print one JSON document with the results")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("runs", help="list the run directories under DIR")
+    p.add_argument("dir", metavar="DIR", nargs="?", default="runs", help="folder searched recursively (default: %(default)s)")
+    p.add_argument("--sort", choices=["created", "name", "val_accuracy", "val_loss", "seconds"], default="created",
+                   help="order (default: %(default)s; val_accuracy best first)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of the runs")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("report", help="write report.html into a run directory: curves, weights, errors, calibration")
+    p.add_argument("run", metavar="RUN", help="run directory made by `image-logreg train`")
+    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw/ or FashionMNIST/raw/ (default: the run's own)")
+    p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+    p.add_argument("--json", action="store_true", help="print one JSON document: report path, test accuracy, ECE")
+    p.set_defaults(func=cmd_report)
     return parser

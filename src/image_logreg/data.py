@@ -110,6 +110,28 @@ def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.
     return images.to(device).float().div_(255.0)
 
 
+def preprocessing_for(deskewed: bool = False) -> dict:
+    """The description of the input pipeline that checkpoints record (plain data)."""
+    from .deskew import DESKEW
+    from .preprocess import PREPROCESSING
+
+    return {"scale": "x / 255", "deskew": dict(DESKEW) if deskewed else False, "image_files": dict(PREPROCESSING)}
+
+
+def prepare_inputs(images: torch.Tensor, preprocessing: dict | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images to the float tensor the model sees, as its recorded ``preprocessing`` says.
+
+    Training, evaluation and prediction all come through here, so a model is always fed
+    what it was trained on.
+    """
+    images = images.to(device)
+    if preprocessing and preprocessing.get("deskew"):
+        from .deskew import deskew
+
+        images = deskew(images)
+    return to_float(images, device)
+
+
 def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle 0..n-1 with ``seed`` and cut off ``val_fraction`` of it as the validation set."""
     if not 0.0 < val_fraction < 1.0:

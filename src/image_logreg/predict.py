@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import to_float
+from .data import prepare_inputs
 from .model import LogisticRegression
 
 
@@ -18,7 +18,13 @@ def top_k(model: LogisticRegression, x: torch.Tensor, classes: list[str], k: int
     ]
 
 
-def predict_images(model, images_uint8: torch.Tensor, classes: list[str], sources: list[str], k: int = 3) -> list[dict]:
-    """Predictions for uint8 images (N x H x W), one ``{source, label, top_k}`` dict each."""
-    ranked = top_k(model, to_float(images_uint8), classes, k)
+def predict_images(
+    model, images_uint8: torch.Tensor, meta: dict, sources: list[str], k: int = 3
+) -> list[dict]:
+    """Predictions for uint8 images (N x H x W), one ``{source, label, top_k}`` dict each.
+
+    ``meta`` is the checkpoint's metadata: its class names and recorded preprocessing.
+    """
+    x = prepare_inputs(images_uint8, meta.get("preprocessing"), model.device)
+    ranked = top_k(model, x, meta["classes"], k)
     return [{"source": s, "label": r[0]["label"], "top_k": r} for s, r in zip(sources, ranked)]

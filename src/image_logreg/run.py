@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import CHECKPOINT_NAME, DEFAULT_PREPROCESSING, save_model
-from .data import ImageSet, load_split, split_indices, subset_indices, to_float
+from .checkpoint import CHECKPOINT_NAME, save_model
+from .data import ImageSet, load_split, prepare_inputs, preprocessing_for, split_indices, subset_indices
 from .errors import UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
 from .model import LogisticRegression
@@ -32,6 +32,7 @@ DATA_DEFAULTS = {
     "train_subset": None,
     "device": "auto",
     "download": True,
+    "deskew": False,
 }
 
 
@@ -43,15 +44,6 @@ def default_config(**overrides) -> dict:
         raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     config.update(overrides)
     return config
-
-
-def preprocessing_of(config: dict) -> dict:
-    return dict(DEFAULT_PREPROCESSING)
-
-
-def prepare_inputs(images: torch.Tensor, preprocessing: dict, device) -> torch.Tensor:
-    """uint8 images to the float tensor the model sees, as recorded in its metadata."""
-    return to_float(images, device)
 
 
 def split_for(config: dict, n: int) -> dict:
@@ -69,18 +61,29 @@ def split_for(config: dict, n: int) -> dict:
     }
 
 
-def train_run(config: dict, out=None, *, overwrite: bool = False, progress: bool = False, log=None) -> dict:
-    """Load data, split, fit, and write a complete run directory. Returns a summary dict."""
+def train_run(
+    config: dict, out=None, *, overwrite: bool = False, progress: bool = False, log=None, tensorboard=None
+) -> dict:
+    """Load data, split, fit, and write a complete run directory. Returns a summary dict.
+
+    ``tensorboard``: ``True`` logs TensorBoard events to the run's ``tensorboard/`` folder, a path
+    logs them to ``<path>/<run name>``; ``None``/``False`` (the default) logs nothing.
+    """
     config = default_config(**config)
     cfg = TrainConfig.from_dict(config).check()
+    config.update(cfg.to_dict())  # record resolved defaults such as the optimizer's lr
     device = resolve_device(config["device"])
     out = Path(out) if out else default_run_dir("runs", config["dataset"])
     log = log or (lambda msg: None)
+    if tensorboard:
+        from .tensorboard import TensorBoardLogger, require
+
+        require()  # a missing package fails before any work
 
     with staged_dir(out, overwrite) as stage:  # refuses an existing --out before any work
         data = load_split(config["dataset"], config["data_dir"], "train", download=config["download"])
         split = split_for(config, len(data))
-        preprocessing = preprocessing_of(config)
+        preprocessing = preprocessing_for(config["deskew"])
         x = prepare_inputs(data.images, preprocessing, device)
         y = data.labels.to(device)
         train_idx = torch.tensor(split["train_indices"], device=device)
@@ -93,14 +96,25 @@ def train_run(config: dict, out=None, *, overwrite: bool = False, progress: bool
             f"({cfg.optimizer}, lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, {device})"
         )
 
+        board = None
+        if tensorboard:  # inside the staging dir by default, so the events move with the run
+            board = TensorBoardLogger(stage / "tensorboard" if tensorboard is True else Path(tensorboard) / out.name)
+
         def report(h):
             log(
                 f"epoch {h['epoch']:>3}/{cfg.epochs}  train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f}  "
                 f"val loss {h['val_loss']:.4f} acc {h['val_accuracy']:.4f}  {h['seconds']:.2f}s"
             )
+            if board:
+                board.on_epoch(h)
 
         start = time.perf_counter()
-        history = fit(model, x[train_idx], y[train_idx], x[val_idx], y[val_idx], cfg, progress=progress, on_epoch=report)
+        try:
+            history = fit(model, x[train_idx], y[train_idx], x[val_idx], y[val_idx], cfg, progress=progress, on_epoch=report)
+        except BaseException:
+            if board:
+                board.close()
+            raise
         seconds = time.perf_counter() - start
 
         final = history[-1]
@@ -120,8 +134,10 @@ def train_run(config: dict, out=None, *, overwrite: bool = False, progress: bool
         }
         save_model(stage / CHECKPOINT_NAME, model, metadata)
         plot_curves(history, stage / "curves.png", title=f"{config['dataset']} — logistic regression")
+        if board:
+            board.finish(model, data.classes, step=len(history))  # closes the event files before the rename
 
-    return {
+    summary = {
         "run_dir": str(out),
         "epochs": len(history),
         "seconds": seconds,
@@ -129,6 +145,11 @@ def train_run(config: dict, out=None, *, overwrite: bool = False, progress: bool
         "val_loss": final["val_loss"],
         "history": history,
     }
+    if "converged" in final:  # L-BFGS says whether it reached the optimum
+        summary["lbfgs"] = {k: final[k] for k in ("converged", "grad_norm", "iterations")}
+        state = "converged" if final["converged"] else "stopped before converging"
+        log(f"L-BFGS {state}: largest gradient entry {final['grad_norm']:.2e} after {final['iterations']} iterations")
+    return summary
 
 
 def _environment() -> dict:
