@@ -124,3 +124,20 @@ def test_lbfgs_reaches_the_regularised_optimum():
     newton = theta.reshape(3, 17)
     ours = torch.cat([model.linear.weight, model.linear.bias[:, None]], 1).double().detach()
     assert torch.allclose(ours, newton, atol=1e-4)
+
+
+def test_batch_gradient_equals_autograd():
+    from image_logreg.train import batch_gradient
+
+    torch.manual_seed(0)
+    model = LogisticRegression((5, 4), 6)
+    x, y = torch.rand(33, 5, 4), torch.randint(0, 6, (33,))
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    expected = (model.linear.weight.grad.clone(), model.linear.bias.grad.clone())
+    with torch.no_grad():
+        loss_sum, correct = batch_gradient(model, x.reshape(33, -1), y, torch.nn.functional.one_hot(y, 6).float())
+    assert torch.allclose(model.linear.weight.grad, expected[0], atol=1e-6)
+    assert torch.allclose(model.linear.bias.grad, expected[1], atol=1e-6)
+    assert loss_sum.item() / 33 == pytest.approx(loss.item(), rel=1e-5)
+    assert correct.item() == (model(x).argmax(1) == y).sum().item()
