@@ -16,6 +16,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,10 +127,11 @@ def time_ours_epoch(tensors, device) -> tuple[float, float]:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", default="../shared/data")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="print nothing; return the figures")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
@@ -155,7 +157,9 @@ def main(argv=None) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
     }
-    if args.json:
+    if args.quiet:
+        pass
+    elif args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"tutorial pipeline : {result['tutorial_seconds']:.3f} s/epoch (median of {args.repeats})")

@@ -196,7 +196,7 @@ def cmd_sweep(args) -> int:
 
     grid = grid_from_flags({name: getattr(args, name) for name in SWEEP_SETTINGS})
     fixed = {"dataset": args.dataset, "data_dir": args.data_dir, "download": not args.no_download,
-             "device": args.device, "epochs": args.epochs, "seed": args.seed}
+             "device": args.device, "epochs": args.epochs, "seed": args.seed, "deskew": args.deskew}
     result = run_sweep(grid, fixed, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log)
     if args.json:
         emit_json(result)
@@ -326,10 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="train a grid of settings, compare them by validation accuracy (resumable)")
     data_flags(p)
     for name, example, default in (
-        ("lr", "0.001,0.01", defaults.lr), ("batch_size", "100,256", defaults.batch_size), ("val_fraction", "0.1,0.2", 0.2),
-        ("train_subset", "1000,all", "all"), ("optimizer", "sgd,adam", defaults.optimizer), ("weight_decay", "0,1e-4", defaults.weight_decay),
+        ("lr", "0.001,0.01", "per optimizer" if defaults.lr is None else defaults.lr),
+        ("batch_size", "100,256", defaults.batch_size), ("val_fraction", "0.1,0.2", 0.2), ("train_subset", "1000,all", "all"),
+        ("optimizer", "sgd,adam", defaults.optimizer), ("weight_decay", "0,1e-4", defaults.weight_decay),
     ):
-        p.add_argument(f"--{name.replace('_', '-')}", metavar=example, help=f"comma-separated values (default: {'per optimizer' if default is None else default})")
+        p.add_argument(f"--{name.replace('_', '-')}", metavar=example, help=f"comma-separated values (default: {default})")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
     p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")

@@ -1,0 +1,420 @@
+"""One self-contained HTML page that explains a trained run: ``image-logreg report RUN``.
+
+The page (``report.html`` in the run directory) embeds every figure as a base64 PNG, so it
+opens from disk, offline, and can be mailed or archived as one file. Each figure is also
+written beside it as a PNG of its own (``report-*.png``) for slides and notes.
+
+Everything measured here is measured on the TEST set, now, with the model's recorded
+preprocessing; validation numbers come from the run's own history.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CHECKPOINT_NAME, load_model
+from .data import prepare_inputs
+from .errors import CheckpointError
+from .files import read_json, refuse_existing, write_text
+from .metrics import evaluate, logits_of, per_class_scores
+from .plots import plot_curves, save_figure
+from .run import default_data_dir, eval_data
+
+import matplotlib.pyplot as plt  # noqa: E402  (after .plots, which selects the file-only Agg backend)
+
+REPORT_NAME = "report.html"
+FIGURES = {
+    "weights": "report-weights.png",
+    "confusion": "report-confusion.png",
+    "mistakes": "report-mistakes.png",
+    "samples": "report-samples.png",
+    "calibration": "report-calibration.png",
+}
+RUN_FILES = ("config.json", "history.json", CHECKPOINT_NAME)
+CALIBRATION_BINS = 15
+MISTAKES = 16
+SAMPLES = 24
+
+
+def write_report(run_dir, data_dir=None, *, overwrite: bool = True, seed: int = 0, download: bool = True) -> Path:
+    """Write ``report.html`` (and its ``report-*.png`` figures) into ``run_dir``; return its path.
+
+    ``data_dir`` None means the data folder recorded in the run's ``config.json``.
+    """
+    return Path(make_report(run_dir, data_dir, overwrite=overwrite, seed=seed, download=download)["report"])
+
+
+def make_report(run_dir, data_dir=None, *, overwrite: bool = True, seed: int = 0, download: bool = True) -> dict:
+    """As :func:`write_report`, but return the headline numbers too (for ``--json``)."""
+    run = _check_run_dir(run_dir)
+    for name in (REPORT_NAME, *FIGURES.values()):  # refuse before any work, not halfway through
+        refuse_existing(run / name, overwrite, "run directory")
+    config, history = _read_json(run / "config.json"), _read_json(run / "history.json")
+    if not isinstance(history, list) or not history or not isinstance(config, dict):
+        raise CheckpointError(f"{run}: history.json holds no epochs, or config.json no settings")
+    model, meta = load_model(run, device="cpu")
+    data_dir = data_dir or config.get("data_dir") or default_data_dir()  # as cli.open_model does
+    test = eval_data(meta, "test", data_dir, run / CHECKPOINT_NAME, download=download)
+    classes = meta["classes"]
+
+    x = prepare_inputs(test.images, meta.get("preprocessing", {}), "cpu")
+    result = evaluate(model, x, test.labels, classes)
+    probs = torch.softmax(logits_of(model, x), dim=1)
+    calibration = expected_calibration_error(probs, test.labels, CALIBRATION_BINS)
+    cm = torch.tensor(result["confusion"])
+
+    curves = run / "curves.png"
+    if not curves.is_file():  # older or hand-pruned runs: the history has everything needed
+        plot_curves(history, curves, title=f"{meta['dataset']} — logistic regression")
+    figures = {
+        "curves": curves,
+        "weights": plot_weights(model, classes, run / FIGURES["weights"]),
+        "confusion": plot_confusion(cm, classes, run / FIGURES["confusion"]),
+        "mistakes": plot_mistakes(test.images, test.labels, probs, classes, run / FIGURES["mistakes"]),
+        "samples": plot_samples(test.images, test.labels, probs, classes, run / FIGURES["samples"], seed=seed),
+        "calibration": plot_calibration(calibration, run / FIGURES["calibration"]),
+    }
+    split = _read_json(run / "split.json") if (run / "split.json").is_file() else None
+    page = _render_page(run, meta, config, history, split, result, cm, calibration, figures)
+    report = write_text(run / REPORT_NAME, page)  # last, so a report.html is always a whole one
+    return {
+        "report": str(report),
+        "dataset": meta["dataset"],
+        "test_n": result["n"],
+        "test_accuracy": result["accuracy"],
+        "test_loss": result["loss"],
+        "ece": calibration["ece"],
+        "figures": {k: str(v) for k, v in figures.items()},
+    }
+
+
+def _check_run_dir(run_dir) -> Path:
+    run = Path(run_dir)
+    if not run.exists():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    if not run.is_dir():
+        raise CheckpointError(f"{run_dir}: not a run directory (a report needs the folder `image-logreg train` made)")
+    missing = [name for name in RUN_FILES if not (run / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{run_dir}: not a complete run directory (missing {', '.join(missing)})")
+    return run
+
+
+def _read_json(path: Path):
+    try:
+        return read_json(path)
+    except ValueError as exc:  # JSONDecodeError and bad UTF-8 alike
+        raise CheckpointError(f"{path}: unreadable ({exc})") from None
+
+
+# --- calibration ------------------------------------------------------------------------------
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Expected calibration error of the top-class probability, with its per-bin breakdown.
+
+    Confidences (each row's largest probability) fall into ``bins`` equal-width bins
+    ``(lo, hi]``; ECE = sum over bins of |accuracy - mean confidence| * (fraction of samples).
+    Empty bins get ``None`` for confidence and accuracy and contribute nothing.
+    """
+    if probs.ndim != 2 or len(probs) == 0 or len(probs) != len(labels):
+        raise ValueError(f"need N x C probabilities and N labels, got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    # float64: sums over tens of thousands of samples, and the edges compared exactly as written
+    confidence, predicted = probs.detach().cpu().double().max(dim=1)
+    correct = (predicted == labels.detach().cpu().long()).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    index = torch.bucketize(confidence, edges[1:-1])  # bin i holds edges[i] < c <= edges[i + 1]
+    count = torch.bincount(index, minlength=bins)
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
+    mean_conf, mean_acc = conf_sum / count.clamp(min=1), acc_sum / count.clamp(min=1)
+    ece = ((mean_acc - mean_conf).abs() * count / len(probs)).sum().item()
+    empty = lambda values: [None if n == 0 else v for v, n in zip(values.tolist(), count.tolist())]
+    return {
+        "ece": ece,
+        "n": len(probs),
+        "bins": bins,
+        "edges": edges.tolist(),
+        "confidence": empty(mean_conf),
+        "accuracy": empty(mean_acc),
+        "count": count.tolist(),
+        "mean_confidence": confidence.mean().item(),
+        "overall_accuracy": correct.mean().item(),
+    }
+
+
+def calibration_reading(cal: dict) -> str:
+    """One plain-English sentence on what the ECE means for someone reading probabilities."""
+    gap = cal["mean_confidence"] - cal["overall_accuracy"]
+    lean = "overconfident" if gap > 0.005 else "underconfident" if gap < -0.005 else "neither over- nor underconfident"
+    return (
+        f"The model's probabilities are trustworthy to within about {100 * cal['ece']:.1f} percentage points on average: "
+        f"it is {lean} overall (mean confidence {100 * cal['mean_confidence']:.1f}% against "
+        f"{100 * cal['overall_accuracy']:.1f}% of answers right)."
+    )
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def plot_weights(model, classes: list[str], path) -> Path:
+    """Each class's weight row as an image: where ink raises (red) or lowers (blue) its score."""
+    weights = model.linear.weight.detach().cpu().reshape(len(classes), *model.input_shape)
+    # One symmetric scale for all classes, so they compare directly and white means zero. A few
+    # extreme pixels would wash every template out, so the top 0.5% saturate (arrows on the bar).
+    magnitudes = weights.abs().flatten()
+    limit = magnitudes.quantile(0.995).item() or magnitudes.max().item() or 1.0
+    clipped = magnitudes.max().item() > limit
+    cols = min(len(classes), 5)
+    rows = -(-len(classes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows + 0.6), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, w, name in zip(axes.flat, weights, classes):
+        im = ax.imshow(w.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(name, fontsize=10)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, extend="both" if clipped else "neither",
+                 label="weight (red: evidence for, blue: against)")
+    fig.suptitle("Learned weight templates, one per class")
+    return save_figure(fig, path)
+
+
+def plot_confusion(cm: torch.Tensor, classes: list[str], path) -> Path:
+    """Test-set confusion counts; colour on a log scale so the rare mistakes are visible too."""
+    from matplotlib.colors import LogNorm
+
+    counts = cm.numpy()
+    n = len(classes)
+    size = max(5.5, 0.62 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    cmap = plt.get_cmap("Blues").with_extremes(bad="white")  # zero cells: no colour, and no number either
+    masked = counts.astype(float)
+    masked[masked == 0] = float("nan")
+    norm = LogNorm(vmin=0.6, vmax=max(2, counts.max()))  # below 1, so a single mistake is tinted, unlike zero
+    im = ax.imshow(masked, cmap=cmap, norm=norm)
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                dark = norm(counts[i, j]) > 0.6
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8 if n <= 12 else 6,
+                        color="white" if dark else "black", fontweight="bold" if i == j else "normal")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion matrix on the test set ({int(counts.sum())} images)")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="images (log scale)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_mistakes(images, labels, probs, classes: list[str], path, count: int = MISTAKES) -> Path:
+    """The wrong answers the model was surest of: often mislabelled or genuinely ambiguous."""
+    confidence, predicted = probs.max(dim=1)
+    wrong = (predicted != labels).nonzero().flatten()
+    picks = wrong[confidence[wrong].argsort(descending=True)][:count].tolist()
+    if not picks:
+        return _message_figure(f"No mistakes on the {len(labels)} test images.", path)
+    title = (
+        f"The {len(picks)} most confident of {len(wrong)} mistakes on the test set\n"
+        "(true class → predicted class, and the probability the model gave its prediction)"
+    )
+    # the probability of the (wrong) prediction: how sure it was when it was wrong
+    titles = [f"{classes[int(labels[i])]} → {classes[int(predicted[i])]}\np = {confidence[i]:.3f}" for i in picks]
+    return _image_grid([images[i].numpy() for i in picks], titles, ["tab:red"] * len(picks), title, path)
+
+
+def plot_samples(images, labels, probs, classes: list[str], path, count: int = SAMPLES, seed: int = 0) -> Path:
+    """Random test images with the model's answer: what testing one image at a time shows, many at once."""
+    confidence, predicted = probs.max(dim=1)
+    picks = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:count].tolist()
+    titles, colors = [], []
+    for i in picks:
+        right = int(predicted[i]) == int(labels[i])
+        truth = "" if right else f"\ntrue: {classes[int(labels[i])]}"
+        titles.append(f"{classes[int(predicted[i])]} ({confidence[i]:.2f}){truth}")
+        colors.append("tab:green" if right else "tab:red")
+    right = sum(c == "tab:green" for c in colors)
+    title = (
+        f"{len(picks)} random test images (seed {seed}) with the predicted class and its probability:\n"
+        f"{right} right (green), {len(picks) - right} wrong (red, with the true class)"
+    )
+    return _image_grid([images[i].numpy() for i in picks], titles, colors, title, path)
+
+
+def plot_calibration(cal: dict, path) -> Path:
+    """Reliability diagram over a histogram of confidences, sharing the confidence axis."""
+    edges = cal["edges"]
+    lefts, width = edges[:-1], edges[1] - edges[0]
+    fig, (ax, ax_hist) = plt.subplots(
+        2, 1, figsize=(6.5, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]}, layout="constrained"
+    )
+    filled = [(x, a, c) for x, a, c in zip(lefts, cal["accuracy"], cal["confidence"]) if a is not None]
+    ax.bar([x for x, _, _ in filled], [a for _, a, _ in filled], width=width, align="edge",
+           color="tab:blue", edgecolor="white", label="accuracy in bin")
+    # The gap between what the model claims and what it gets, the thing ECE averages: an
+    # unfilled hatched box, so it reads the same above a bar (overconfident) as inside one.
+    ax.bar([x for x, _, _ in filled], [c - a for _, a, c in filled], bottom=[a for _, a, _ in filled], width=width,
+           align="edge", facecolor="none", edgecolor="tab:red", hatch="///", lw=1.2, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram ({cal['bins']} bins): ECE = {cal['ece']:.4f}")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    ax_hist.bar(lefts, cal["count"], width=width, align="edge", color="gray", edgecolor="white")
+    ax_hist.set_yscale("log")  # most answers sit in the top bin; a log axis keeps the rest visible
+    ax_hist.set_ylim(bottom=0.5)  # so a bin of one or a few images still shows as a bar
+    ax_hist.set_xlabel("confidence (largest predicted probability)")
+    ax_hist.set_ylabel("test images")
+    ax_hist.grid(alpha=0.3, axis="y")
+    return save_figure(fig, path)
+
+
+def _image_grid(images, captions: list[str], colors: list[str], title: str, path, cols: int = 8) -> Path:
+    """Captioned images tiled on ONE axes, each row as tall as its longest caption needs.
+
+    plots.plot_grid's fixed row height lets a two-line caption run into the images above it,
+    and one axes per image makes a 24-image grid several times slower to draw.
+    """
+    h, w = images[0].shape
+    rows = -(-len(images) // cols)
+    lines = max(c.count("\n") + 1 for c in captions)
+    cell_in = 1.6  # inches per column; the image fills 90% of it
+    unit = 0.9 * cell_in / w  # inches per pixel
+    gap_x, gap_y = 0.1 * cell_in / unit, (0.16 * lines + 0.1) / unit  # in pixels: room for the captions
+    width, height = cols * (w + gap_x), rows * (h + gap_y)
+    fig = plt.figure(figsize=(width * unit, height * unit))
+    ax = fig.add_axes((0, 0, 1, 1))
+    for k, (image, caption, color) in enumerate(zip(images, captions, colors)):
+        x0, y0 = (k % cols) * (w + gap_x) + gap_x / 2, (k // cols) * (h + gap_y) + gap_y
+        # raw uint8, as stored: what a person would see, whatever the model's preprocessing
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255, extent=(x0, x0 + w, y0 + h, y0), interpolation="nearest")
+        ax.text(x0 + w / 2, y0 - 0.05 / unit, caption, ha="center", va="bottom", fontsize=8, color=color)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_axis_off()
+    fig.suptitle(title, y=1.0, va="bottom")  # just above the top row's caption band
+    return save_figure(fig, path)
+
+
+def _message_figure(message: str, path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 1.2))
+    ax.axis("off")
+    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12)
+    return save_figure(fig, path)
+
+
+# --- the page ---------------------------------------------------------------------------------
+
+CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; max-width: 1100px; margin: 2em auto;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { margin-bottom: 0.2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+.sub { color: #666; margin-top: 0; }
+img { max-width: 100%; height: auto; display: block; margin: 1em 0; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: left; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.headline { display: flex; gap: 1em; flex-wrap: wrap; margin: 1.2em 0; }
+.headline div { border: 1px solid #ddd; border-radius: 6px; padding: 0.6em 1em; min-width: 9em; }
+.headline b { display: block; font-size: 1.5em; }
+"""
+
+
+def _render_page(run, meta, config, history, split, result, cm, cal, figures) -> str:
+    final = history[-1]
+    e = html.escape
+    headline = [
+        ("test accuracy", f"{result['accuracy']:.4f}"),
+        ("test loss (NLL)", f"{result['loss']:.4f}"),
+        ("validation accuracy", f"{final['val_accuracy']:.4f}"),
+        ("ECE (test)", f"{cal['ece']:.4f}"),
+    ]
+    parts = [
+        f"<h1>{e(meta['dataset'])} logistic regression: {e(run.name)}</h1>",
+        f'<p class="sub">{e(str(run.resolve()))} · trained {e(str(config.get("created", "?")))} · '
+        f"{len(history)} epochs · report on {result['n']} test images</p>",
+        '<div class="headline">' + "".join(f"<div>{e(k)}<b>{v}</b></div>" for k, v in headline) + "</div>",
+        "<h2>Final metrics</h2>",
+        _metrics_table(final, split, result),
+        "<h2>Training curves</h2>",
+        _img(figures["curves"], "training and validation loss and accuracy per epoch"),
+        "<h2>What the model learned</h2>",
+        "<p>Each class's score is the sum of the pixels weighted by its template (plus a bias). Red pixels are "
+        "evidence for the class when inked, blue pixels evidence against it; all templates share one colour scale.</p>",
+        _img(figures["weights"], "weight template of each class"),
+        "<h2>Errors on the test set</h2>",
+        _img(figures["confusion"], "confusion matrix on the test set"),
+        _class_table(cm, meta["classes"]),
+        _img(figures["mistakes"], "the most confident mistakes"),
+        _img(figures["samples"], "random test images with predictions"),
+        "<h2>Calibration</h2>",
+        f"<p>Expected calibration error (ECE, {cal['bins']} equal-width confidence bins): <b>{cal['ece']:.4f}</b>. "
+        f"{e(calibration_reading(cal))} Test loss (negative log-likelihood) {result['loss']:.4f}, "
+        f"test accuracy {result['accuracy']:.4f}.</p>",
+        _img(figures["calibration"], "reliability diagram and histogram of confidences"),
+        "<h2>Configuration</h2>",
+        _table(["setting", "value"], [(k, _setting(v)) for k, v in config.items()]),
+    ]
+    body = "\n".join(parts)
+    title = f"image-logreg report: {run.name}"
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
+        f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}" title="{html.escape(os.path.basename(path))}">'
+
+
+def _table(header: list[str], rows, numeric: set[int] = frozenset()) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(str(h))}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{e(str(v))}</td>' for i, v in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _setting(value) -> str:
+    if value is None:
+        return "—"
+    return value if isinstance(value, str) else json.dumps(value)  # as written in config.json
+
+
+def _metrics_table(final: dict, split: dict | None, result: dict) -> str:
+    sizes = (len(split["train_indices"]), len(split["val_indices"])) if split else ("?", "?")
+    rows = [
+        ("training (last epoch)", sizes[0], f"{final['train_loss']:.4f}", f"{final['train_accuracy']:.4f}"),
+        ("validation (last epoch)", sizes[1], f"{final['val_loss']:.4f}", f"{final['val_accuracy']:.4f}"),
+        ("test (computed now)", result["n"], f"{result['loss']:.4f}", f"{result['accuracy']:.4f}"),
+    ]
+    return _table(["split", "images", "loss", "accuracy"], rows, numeric={1, 2, 3})
+
+
+def _class_table(cm: torch.Tensor, classes: list[str]) -> str:
+    """Per-class scores; a class's accuracy is its recall (the share of its images named right)."""
+    scores = per_class_scores(cm)
+    fmt = lambda v: "—" if v is None else f"{v:.4f}"
+    off = cm.clone().fill_diagonal_(0)
+    rows = []
+    for i, name in enumerate(classes):
+        j = int(off[i].argmax())
+        confused = f"{classes[j]} ({int(off[i, j])})" if off[i, j] else "—"
+        rows.append((name, scores["support"][i], fmt(scores["recall"][i]), fmt(scores["precision"][i]),
+                     fmt(scores["f1"][i]), confused))
+    header = ["class", "support", "accuracy (= recall)", "precision", "F1", "most often mistaken for"]
+    return _table(header, rows, numeric={1, 2, 3, 4})
