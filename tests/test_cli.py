@@ -218,3 +218,31 @@ def test_module_entry_point_has_no_traceback(tmp_path):
     )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_predict_csv_and_preprocessed_images(capsys, toy_data, tmp_path):
+    import csv
+
+    out = tmp_path / "run"
+    train(capsys, toy_data, out)
+    images = tmp_path / "user" / "nested"
+    images.mkdir(parents=True)
+    page = np.full((90, 70), 245, dtype=np.uint8)
+    page[20:70, 30:38] = 20  # a dark stroke on light paper
+    Image.fromarray(page).save(images / "one.png")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    before = sorted(p.name for p in images.iterdir())
+    code, stdout, err = run_cli(
+        capsys, "predict", out, tmp_path / "user", "--csv", tmp_path / "preds.csv",
+        "--save-preprocessed", tmp_path / "seen", "--json",
+    )
+    assert code == 2 and "broken.jpg" in err and len(err.strip().splitlines()) == 1
+    (pred,) = json.loads(stdout)
+    seen = Image.open(pred["preprocessed"])
+    assert seen.size == (28, 28) and np.asarray(seen)[0, 0] == 0 and np.asarray(seen).max() > 200  # inverted, centred
+    rows = list(csv.DictReader(open(tmp_path / "preds.csv")))
+    assert [r["source"].endswith(n) for r, n in zip(rows, ["one.png", "broken.jpg"])] == [True, True]
+    assert rows[0]["label"] == pred["label"] and rows[1]["error"] and not rows[1]["label"]
+    assert sorted(p.name for p in images.iterdir()) == before  # nothing written beside the user's images
+    code, stdout, err = run_cli(capsys, "predict", out, images / "one.png", "--csv", tmp_path / "preds.csv")
+    assert_one_line_error(code, stdout, err, "preds.csv already exists")

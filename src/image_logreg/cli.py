@@ -130,6 +130,7 @@ def print_evaluation(result: dict, classes: list[str]) -> None:
 def cmd_predict(args) -> int:
     import torch
 
+    from .files import refuse_existing
     from .predict import predict_images
     from .preprocess import find_image_files, prepare_image
     from .run import eval_data
@@ -138,8 +139,10 @@ def cmd_predict(args) -> int:
         raise UsageError("give image FILEs or folders, or --index N to predict dataset samples")
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.csv:
+        refuse_existing(args.csv, args.overwrite, "--csv file")
     model, meta, checkpoint, data_dir = open_model(args)
-    results, failures = [], 0
+    results, errors = [], []
 
     if args.index is not None:
         data = eval_data(meta, args.split, data_dir, checkpoint, download=not args.no_download)
@@ -154,15 +157,20 @@ def cmd_predict(args) -> int:
 
     if args.files:
         size = tuple(model.input_shape)
-        for path in find_image_files(args.files):
+        paths = find_image_files(args.files)
+        for n, path in enumerate(paths):
             try:
                 image = prepare_image(path, normalize=not args.no_normalize, size=size)
             except ImageLogregError as exc:
-                fail(str(exc), 2)
-                failures += 1
+                fail(str(exc), 2)  # one line per bad file; the others are still predicted
+                errors.append({"source": str(path), "error": str(exc)})
                 continue
             results += predict_images(model, torch.from_numpy(image)[None], meta, [str(path)], args.top_k)
+            if args.save_preprocessed:
+                results[-1]["preprocessed"] = str(save_preprocessed(image, args.save_preprocessed, n, path, args.overwrite))
 
+    if args.csv:
+        write_predictions_csv(args.csv, results, errors)
     if args.json:
         emit_json(results)
     else:
@@ -170,7 +178,37 @@ def cmd_predict(args) -> int:
             ranked = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
             truth = f" (true: {r['true_label']})" if "true_label" in r else ""
             print(f"{r['source']}: {r['label']}{truth}   [{ranked}]")
-    return 2 if failures else 0
+    return 2 if errors else 0
+
+
+def save_preprocessed(image, folder, n: int, source: Path, overwrite: bool) -> Path:
+    """The 28x28 the model saw, numbered so same-named files from different folders stay apart."""
+    from PIL import Image
+
+    from .files import atomic_path, refuse_existing
+
+    path = refuse_existing(Path(folder) / f"{n:04d}-{source.stem}.png", overwrite, "--save-preprocessed folder")
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+    return path
+
+
+def write_predictions_csv(path, results: list[dict], errors: list[dict]) -> None:
+    from .files import write_csv
+
+    rows = [
+        {
+            "source": r["source"],
+            "label": r["label"],
+            "probability": round(r["top_k"][0]["probability"], 6),
+            "top_k": "; ".join(f"{t['label']}={t['probability']:.6f}" for t in r["top_k"]),
+            "true_label": r.get("true_label", ""),
+            "error": "",
+        }
+        for r in results
+    ]
+    rows += [{"source": e["source"], "label": "", "probability": "", "top_k": "", "true_label": "", "error": e["error"]} for e in errors]
+    write_csv(path, rows)
 
 
 def cmd_show(args) -> int:
@@ -312,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["test", "val"], default="test", help="split for --index (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=3, help="probabilities to show per image (default: %(default)s)")
     p.add_argument("--no-normalize", action="store_true", help="feed files as they are (grayscale, resized), no MNIST-style centring")
+    p.add_argument("--csv", metavar="FILE", help="also write the predictions (and any unreadable files) to a CSV file")
+    p.add_argument("--save-preprocessed", metavar="DIR", help="write the 28x28 image the model saw for each file into DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file or preprocessed images")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("show", help="write a labelled grid of dataset samples")

@@ -20,30 +20,37 @@ from image_logreg.errors import ImageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 
-PREPROCESSING = {
-    "name": "mnist-normalize",
-    "size": [28, 28],
-    "box": 20,
-    "polarity": "invert when the border is light, so ink is bright on black",
-    "background": "plane fitted to the border, subtracted; ink rescaled to 1; faint noise zeroed",
-    "crop": "bounding box of the ink",
-    "resize": "LANCZOS to fit box x box, aspect ratio kept",
-    "centre": "centre of mass at (size / 2), integer shift",
-    "pass_through": "an image already size x size on a dark background is kept as is",
-}
-
-# Pixels (0..1 scale) at or below this count as "black" when asking whether an
+# Pixels (0..1 scale) at or below this count as black when asking whether an
 # image already has MNIST's dark background.
 _DARK = 0.1
 # Ink must stand out from the paper by this much (0..1 scale) and by several
 # times the paper's own noise, or the page counts as blank.
 _MIN_CONTRAST = 0.05
 _NOISE_SIGMAS = 6.0
-# After rescaling the ink to 0..1, weaker values are JPEG ringing, dust or
-# paper texture, not strokes.
-_FAINT = 0.12
-# ...but a noise estimate inflated by ink touching the border must not erase the strokes.
-_MAX_FAINT = 0.5
+# After rescaling the ink to 0..1, weaker values are JPEG ringing, dust or paper
+# texture, not strokes. Noisier paper raises the bar, but never so far that it
+# would erase the strokes themselves.
+_FAINT = 0.15
+_MAX_FAINT = 0.4
+# Where a stroke's edge is, in rescaled ink strength: the crop follows it.
+_STROKE_EDGE = 0.5
+
+PREPROCESSING = {
+    "name": "mnist-normalize",
+    "size": [28, 28],
+    "box": 20,
+    "steps": [
+        "grayscale, transparency over white",
+        "invert if the border is light",
+        "subtract a plane fitted to the border, rescale ink to 1, zero faint noise",
+        "crop to the strokes (ink >= 0.5)",
+        "LANCZOS resize to fit box x box, aspect ratio kept",
+        "paste so the centre of mass is at size / 2",
+    ],
+    "pass_through": "size x size images on a dark background are kept as they are",
+    "faint": _FAINT,
+    "stroke_edge": _STROKE_EDGE,
+}
 
 
 def find_image_files(paths: Iterable[str | Path]) -> list[Path]:
@@ -105,7 +112,7 @@ def read_grayscale(path: str | Path) -> np.ndarray:
 def _to_gray_array(image: Image.Image) -> np.ndarray:
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         return _numeric_to_unit(image)
-    if "A" in image.getbands() or "transparency" in image.info:
+    if image.has_transparency_data:
         # Transparent pixels often hold black colour values; over white they read as paper.
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -116,18 +123,18 @@ def _to_gray_array(image: Image.Image) -> np.ndarray:
 def _numeric_to_unit(image: Image.Image) -> np.ndarray:
     """16-bit, 32-bit and float images: scale by the range their values evidently use."""
     values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    low, high = values.min(), values.max()
     if image.mode.startswith("I;16"):
-        scaled = values / 65535.0
-    elif values.min() >= 0 and values.max() <= (1.0 if image.mode == "F" else 0.0):
-        scaled = values
-    elif values.min() >= 0 and values.max() <= 255:
-        scaled = values / 255.0
-    elif values.min() >= 0 and values.max() <= 65535:
-        scaled = values / 65535.0
-    else:
-        span = values.max() - values.min()
-        scaled = (values - values.min()) / span if span > 0 else np.zeros_like(values)
-    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+        full_scale = 65535.0
+    elif low >= 0 and high <= 1 and image.mode == "F":
+        full_scale = 1.0
+    elif low >= 0 and high <= 255:
+        full_scale = 255.0
+    elif low >= 0 and high <= 65535:
+        full_scale = 65535.0
+    else:  # no convention to go by: stretch what is there
+        return ((values - low) / max(high - low, 1e-12)).astype(np.float32)
+    return np.clip(values / full_scale, 0.0, 1.0).astype(np.float32)
 
 
 def _one_line(error: BaseException) -> str:
@@ -156,7 +163,7 @@ def _ink_on_black(gray: np.ndarray) -> np.ndarray:
     if np.median(_border(gray)) > 0.5:
         gray = 1.0 - gray  # dark ink on light paper
     ink = gray - _background(gray)
-    noise = _paper_noise(_border(ink))
+    noise = _paper_noise(gray, peak=float(ink.max()))
     strong = ink[ink > max(_MIN_CONTRAST, _NOISE_SIGMAS * noise)]
     if strong.size == 0:
         raise ImageError("blank image: no ink found")
@@ -168,28 +175,33 @@ def _ink_on_black(gray: np.ndarray) -> np.ndarray:
     return ink
 
 
-def _paper_noise(border: np.ndarray) -> float:
-    """Noise sigma of the paper, from how far its brightest-looking pixels stray above the median.
+def _paper_noise(gray: np.ndarray, peak: float) -> float:
+    """Noise sigma of the paper, from differences of neighbouring pixels in the border.
 
-    One-sided on purpose: overexposed white paper clips at 1, which hides half of
-    the noise and fools the usual median absolute deviation.
+    Differences ignore the paper's tone and lighting and the smooth sides of
+    strokes crossing the border; pairs of clipped (pure white) pixels say nothing.
     """
-    return float(np.percentile(border, 97.7) - np.median(border)) / 2.0
+    mask = _border_mask(gray.shape)[:, 1:]
+    left, right = gray[:, :-1][mask], gray[:, 1:][mask]
+    pairs = (np.maximum(left, right) < 0.5 * peak) & ((left != 0) | (right != 0))
+    if not pairs.any():
+        return 0.0
+    return float(1.4826 * np.median(np.abs(left[pairs] - right[pairs])) / np.sqrt(2))
 
 
 def _background(gray: np.ndarray) -> np.ndarray:
-    """The paper's level at each pixel: a plane fitted to the border, as lighting often slopes."""
+    """The paper's level at each pixel: a plane through the medians of the four edges.
+
+    Lighting often slopes across a photo; medians ignore strokes that cross an edge.
+    """
     h, w = gray.shape
-    rows, cols = np.nonzero(_border_mask(gray.shape))
-    points = np.stack([np.ones(rows.size), rows / h, cols / w], axis=1)
-    values = gray[rows, cols]
-    keep = np.ones(values.shape, dtype=bool)
-    for _ in range(2):  # refit without border pixels that are ink touching the edge
-        coef = np.linalg.lstsq(points[keep], values[keep], rcond=None)[0]
-        residual = values - points @ coef
-        keep = np.abs(residual) <= max(3.0 * np.median(np.abs(residual)), 0.02)
-    plane = coef[0] + coef[1] * np.arange(h)[:, None] / h + coef[2] * np.arange(w)[None, :] / w
-    return plane.astype(np.float32)
+    strip = max(1, min(h, w) // 40)
+    top, bottom = np.median(gray[:strip]), np.median(gray[-strip:])
+    left, right = np.median(gray[:, :strip]), np.median(gray[:, -strip:])
+    rows = np.linspace(top - (top + bottom) / 2, bottom - (top + bottom) / 2, h, dtype=np.float32)
+    cols = np.linspace(left - (left + right) / 2, right - (left + right) / 2, w, dtype=np.float32)
+    level = np.median(_border(gray))
+    return level + rows[:, None] + cols[None, :]
 
 
 def _border(image: np.ndarray) -> np.ndarray:
@@ -207,8 +219,14 @@ def _border_mask(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _crop_to_ink(ink: np.ndarray) -> np.ndarray:
-    rows = np.flatnonzero(ink.any(axis=1))
-    cols = np.flatnonzero(ink.any(axis=0))
+    """Crop to where the strokes are at least half strength: the edge of the pen line.
+
+    MNIST boxed the binary NIST strokes; the faint blur around a scanned or
+    resized stroke would otherwise count too and shrink the digit a few percent.
+    """
+    strokes = ink >= _STROKE_EDGE
+    rows = np.flatnonzero(strokes.any(axis=1))
+    cols = np.flatnonzero(strokes.any(axis=0))
     if rows.size == 0:
         raise ImageError("blank image: no ink found")
     return ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -254,7 +272,9 @@ def prepare_image(path: str | Path, normalize: bool = True, size: tuple[int, int
     gray = read_grayscale(path)  # its errors already name the file
     if not normalize:
         return resize_gray(gray, size)
+    # MNIST's 20-pixel box in a 28-pixel field, kept in proportion for other sizes.
+    box = round(PREPROCESSING["box"] * min(size) / min(PREPROCESSING["size"]))
     try:
-        return normalize_digit(gray, size, box=PREPROCESSING["box"])
+        return normalize_digit(gray, size, box=box)
     except ImageError as error:
         raise ImageError(f"{path}: {error}") from None

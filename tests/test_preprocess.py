@@ -1,0 +1,355 @@
+"""Preprocessing of users' image files into MNIST-style digits."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFile
+
+from image_logreg.errors import ImageError
+from image_logreg.preprocess import (
+    IMAGE_SUFFIXES,
+    PREPROCESSING,
+    find_image_files,
+    normalize_digit,
+    prepare_image,
+    read_grayscale,
+)
+from user_digits import KINDS, write_user_digit_set
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MNIST_RAW = DATA_DIR / "MNIST" / "raw"
+
+
+def draw_seven(size=(160, 220), ink=0, paper=255) -> np.ndarray:
+    """A binary, off-centre '7' (uint8 H x W), so every image mode can hold exactly the same picture."""
+    image = Image.new("L", size, paper)
+    pen = ImageDraw.Draw(image)
+    pen.line([(30, 40), (110, 40), (60, 190)], fill=ink, width=12)
+    pen.line([(55, 115), (100, 115)], fill=ink, width=10)
+    return np.asarray(image)
+
+
+def save_in_mode(picture: np.ndarray, mode: str, path: Path) -> Path:
+    """Save the binary dark-on-white `picture` in `mode`; transparent modes keep black under clear paper."""
+    ink = picture < 128
+    if mode == "RGB":
+        rgb = np.where(ink[..., None], np.array([20, 20, 120], np.uint8), np.array([250, 245, 235], np.uint8))
+        image = Image.fromarray(rgb.astype(np.uint8))
+    elif mode in ("RGBA", "LA"):
+        # The trap: transparent paper whose colour is black reads as all black if alpha is dropped.
+        alpha = np.where(ink, 255, 0).astype(np.uint8)
+        rgba = np.dstack([np.zeros_like(alpha)] * 3 + [alpha])
+        image = Image.fromarray(rgba).convert(mode)
+    elif mode == "P-transparent":
+        image = Image.fromarray(picture).convert("P")
+        image.info["transparency"] = image.getpixel((0, 0))
+    elif mode == "1":
+        image = Image.fromarray(picture).convert("1", dither=Image.Dither.NONE)
+    elif mode == "I;16":
+        image = Image.fromarray(picture.astype(np.uint16) * 257)
+    else:
+        image = Image.fromarray(picture).convert(mode)
+    image.save(path)
+    return path
+
+
+def centre_of_mass(digit: np.ndarray) -> tuple[float, float]:
+    weights = digit.astype(np.float64)
+    rows, cols = np.indices(digit.shape)
+    return (weights * rows).sum() / weights.sum(), (weights * cols).sum() / weights.sum()
+
+
+def ink_box(digit: np.ndarray) -> tuple[int, int]:
+    rows = np.flatnonzero(digit.any(axis=1))
+    cols = np.flatnonzero(digit.any(axis=0))
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+def assert_mnist_like(digit: np.ndarray) -> None:
+    assert digit.dtype == np.uint8 and digit.shape == (28, 28)
+    assert digit.max() == 255, "ink should reach full white"
+    assert np.all(digit[0] == 0) and np.all(digit[-1] == 0), "background should be black"
+    com_y, com_x = centre_of_mass(digit)
+    assert abs(com_y - 14) <= 1 and abs(com_x - 14) <= 1
+    height, width = ink_box(digit)
+    assert height <= 20 and width <= 20 and max(height, width) >= 19
+
+
+# --- reading every image mode -------------------------------------------------------------
+
+MODES = ["1", "L", "P", "P-transparent", "RGB", "RGBA", "LA", "I;16"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_gives_the_same_digit(tmp_path, mode):
+    picture = draw_seven()
+    reference = normalize_digit(picture.astype(np.float32) / 255)
+    suffix = ".tif" if mode == "I;16" else ".png"
+    digit = prepare_image(save_in_mode(picture, mode, tmp_path / f"seven{suffix}"))
+    assert_mnist_like(digit)
+    assert np.abs(digit.astype(int) - reference).mean() < 2
+
+
+def test_transparent_background_is_composited_onto_white(tmp_path):
+    path = save_in_mode(draw_seven(), "RGBA", tmp_path / "seven.png")
+    gray = read_grayscale(path)
+    assert gray.dtype == np.float32 and gray.shape == (220, 160)
+    assert gray[0, 0] == 1.0, "clear paper should read as white"
+    assert gray[40, 70] == 0.0, "opaque black ink should stay black"
+
+
+def test_rgb_jpeg_and_multi_frame_gif_are_read(tmp_path):
+    picture = draw_seven()
+    Image.fromarray(picture).convert("RGB").save(tmp_path / "seven.jpg", quality=80)
+    frames = [Image.fromarray(picture), Image.fromarray(255 - picture)]
+    frames[0].save(tmp_path / "seven.gif", save_all=True, append_images=frames[1:])
+    reference = normalize_digit(picture.astype(np.float32) / 255)
+    for name in ("seven.jpg", "seven.gif"):
+        digit = prepare_image(tmp_path / name)
+        assert_mnist_like(digit)
+        assert np.abs(digit.astype(int) - reference).mean() < 4, name
+
+
+# --- normalisation --------------------------------------------------------------------------
+
+
+def test_light_background_is_inverted_and_dark_is_not():
+    picture = draw_seven().astype(np.float32) / 255
+    on_white = normalize_digit(picture)
+    on_black = normalize_digit(1 - picture)
+    assert_mnist_like(on_white)
+    np.testing.assert_array_equal(on_white, on_black)
+
+
+def test_uneven_lighting_and_noise_do_not_move_the_digit():
+    rng = np.random.default_rng(0)
+    picture = draw_seven().astype(np.float32) / 255
+    shadow = np.linspace(0, 0.25, picture.shape[1], dtype=np.float32)[None, :]
+    noisy = np.clip(0.9 * picture + 0.05 - shadow + rng.normal(0, 0.03, picture.shape), 0, 1)
+    clean = normalize_digit(picture)
+    digit = normalize_digit(noisy.astype(np.float32))
+    assert_mnist_like(digit)
+    assert np.abs(digit.astype(int) - clean).mean() < 8
+
+
+def test_aspect_ratio_is_kept():
+    page = np.ones((300, 200), np.float32)
+    page[40:160, 120:132] = 0  # a stroke 120 tall, 12 wide
+    digit = normalize_digit(page)
+    assert_mnist_like(digit)
+    height, width = ink_box(digit)
+    assert height == 20 and width <= 4
+
+
+def test_small_digit_is_scaled_up_to_the_box():
+    page = np.zeros((60, 60), np.float32)
+    page[20:28, 30:35] = 1
+    height, width = ink_box(normalize_digit(page))
+    assert height == 20 and 11 <= width <= 14
+
+
+def test_dataset_shaped_digit_passes_through_unchanged(tmp_path):
+    rng = np.random.default_rng(1)
+    digit = np.zeros((28, 28), np.uint8)
+    digit[3:15, 2:9] = rng.integers(0, 256, size=(12, 7))  # off-centre and small: left as it is
+    Image.fromarray(digit).save(tmp_path / "digit.png")
+    prepared = prepare_image(tmp_path / "digit.png")
+    assert prepared.dtype == np.uint8
+    assert prepared.tobytes() == digit.tobytes()
+
+
+def test_light_28x28_digit_is_normalised_not_passed_through():
+    digit = np.full((28, 28), 255, np.uint8)
+    digit[5:20, 10:13] = 0
+    prepared = normalize_digit(digit.astype(np.float32) / 255)
+    assert_mnist_like(prepared)
+
+
+def test_no_normalize_only_converts_and_resizes(tmp_path):
+    path = save_in_mode(draw_seven(), "L", tmp_path / "seven.png")
+    naive = prepare_image(path, normalize=False)
+    assert naive.dtype == np.uint8 and naive.shape == (28, 28)
+    assert naive[0, 0] == 255, "no inversion on the naive path"
+    assert prepare_image(path, normalize=False, size=(10, 12)).shape == (10, 12)
+
+
+def test_preprocessing_description_is_json_serialisable():
+    import json
+
+    assert json.loads(json.dumps(PREPROCESSING)) == PREPROCESSING
+    assert PREPROCESSING["name"] == "mnist-normalize"
+    assert PREPROCESSING["box"] == 20 and PREPROCESSING["size"] == [28, 28]
+
+
+# --- finding files --------------------------------------------------------------------------
+
+
+def test_folders_are_expanded_recursively_and_files_taken_as_given(tmp_path):
+    for name in ["b/two.png", "b/deeper/three.JPG", "a/one.webp", "a/notes.txt", ".hidden/x.png", "c/d.tiff"]:
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(b"x")
+    explicit = tmp_path / "readme.txt"
+    explicit.write_text("not an image")
+    found = find_image_files([explicit, str(tmp_path / "in")])
+    names = [p.relative_to(tmp_path).as_posix() for p in found]
+    assert names == ["readme.txt", "in/a/one.webp", "in/b/deeper/three.JPG", "in/b/two.png", "in/c/d.tiff"]
+    assert all(isinstance(p, Path) for p in found)
+    assert {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"} <= set(IMAGE_SUFFIXES)
+
+
+def test_missing_path_is_named(tmp_path):
+    missing = tmp_path / "nope.png"
+    with pytest.raises(ImageError, match="nope.png"):
+        find_image_files([missing])
+
+
+# --- bad files ------------------------------------------------------------------------------
+
+
+def _text_named_png(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_text("hello, I am text\n")
+    return path
+
+
+def _truncated(tmp_path, fmt):
+    path = tmp_path / f"cut.{fmt}"
+    Image.fromarray(draw_seven()).convert("RGB").save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    return path
+
+
+def _blank_page(tmp_path):
+    rng = np.random.default_rng(2)
+    page = np.clip(240 + rng.normal(0, 3, (200, 150)), 0, 255).astype(np.uint8)
+    path = tmp_path / "blank.jpg"
+    Image.fromarray(page).save(path, quality=80)
+    return path
+
+
+BAD_FILES = {
+    "not an image": (_text_named_png, "not an image"),
+    "truncated png": (lambda tmp: _truncated(tmp, "png"), "truncated"),
+    "truncated jpeg": (lambda tmp: _truncated(tmp, "jpg"), "truncated"),
+    "zero bytes": (_empty, "empty file"),
+    "blank page": (_blank_page, "blank image"),
+    "a folder": (lambda tmp: tmp, "directory"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_bad_file_raises_one_line_error_naming_it(tmp_path, case):
+    make, reason = BAD_FILES[case]
+    path = make(tmp_path)
+    with pytest.raises(ImageError) as caught:
+        prepare_image(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and message.count(str(path)) == 1
+    assert reason in message and "\n" not in message
+
+
+@pytest.mark.parametrize("limit", [1000, 6000], ids=["bomb-error", "bomb-warning"])
+def test_decompression_bomb_is_refused(tmp_path, monkeypatch, limit):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (100, 100), 255).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    filters_before = list(warnings.filters)
+    with pytest.raises(ImageError) as caught:
+        read_grayscale(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: ") and "too large" in message and "\n" not in message
+    assert warnings.filters == filters_before, "warning filters must be restored"
+
+
+def test_truncated_images_are_not_silently_accepted():
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+def test_blank_array_raises_without_a_file_name():
+    with pytest.raises(ImageError, match=r"^blank image: no ink found$"):
+        normalize_digit(np.ones((50, 50), np.float32))
+
+
+# --- real MNIST digits brought as user files ------------------------------------------------
+
+
+def _read_idx(path: Path, header: int, shape: tuple[int, ...], count: int) -> np.ndarray:
+    with open(path, "rb") as handle:
+        handle.seek(header)
+        data = np.frombuffer(handle.read(count * int(np.prod(shape))), dtype=np.uint8)
+    return data.reshape((count, *shape))
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    if not (MNIST_RAW / "t10k-images-idx3-ubyte").exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"MNIST data missing at {MNIST_RAW} (required when CI=true)")
+        pytest.skip(f"MNIST data not found at {MNIST_RAW}")
+    return {
+        "train_images": _read_idx(MNIST_RAW / "train-images-idx3-ubyte", 16, (28, 28), 10_000),
+        "train_labels": _read_idx(MNIST_RAW / "train-labels-idx1-ubyte", 8, (), 10_000),
+        "test_images": _read_idx(MNIST_RAW / "t10k-images-idx3-ubyte", 16, (28, 28), 10_000),
+        "test_labels": _read_idx(MNIST_RAW / "t10k-labels-idx1-ubyte", 8, (), 10_000),
+    }
+
+
+def nearest_centroid(train_images, train_labels):
+    centroids = np.stack([train_images[train_labels == c].mean(axis=0) for c in range(10)]).reshape(10, -1)
+
+    def classify(images: np.ndarray) -> np.ndarray:
+        flat = images.reshape(len(images), -1).astype(np.float64)
+        distances = ((flat[:, None, :] - centroids[None]) ** 2).sum(axis=-1)
+        return distances.argmin(axis=1)
+
+    return classify
+
+
+def test_user_style_files_classify_like_the_original_digits(tmp_path, mnist):
+    pick = np.random.default_rng(0).choice(10_000, size=300, replace=False)
+    digits, labels = mnist["test_images"][pick], mnist["test_labels"][pick]
+    classify = nearest_centroid(mnist["train_images"].astype(np.float64), mnist["train_labels"])
+
+    paths = write_user_digit_set(digits, tmp_path, seed=0)
+    assert {p.suffix for p in paths} == {".png", ".jpg"} and len(paths) == 300
+    prepared = np.stack([prepare_image(p) for p in paths])
+
+    for digit in prepared[:20]:
+        assert_mnist_like(digit)
+    original_accuracy = (classify(digits) == labels).mean()
+    prepared_accuracy = (classify(prepared) == labels).mean()
+    assert original_accuracy > 0.7
+    assert prepared_accuracy >= original_accuracy - 0.05, (original_accuracy, prepared_accuracy)
+    assert np.abs(prepared.astype(int) - digits).mean() < 12
+
+
+def test_mnist_digits_saved_as_png_are_read_exactly(tmp_path, mnist):
+    digits = mnist["test_images"][:100]
+    for i, digit in enumerate(digits):
+        Image.fromarray(digit).save(tmp_path / f"{i:03d}.png")
+    prepared = np.stack([prepare_image(p) for p in find_image_files([tmp_path])])
+    np.testing.assert_array_equal(prepared, digits)
+
+
+def test_user_digit_helper_writes_every_kind(tmp_path):
+    digit = np.zeros((28, 28), np.uint8)
+    digit[4:24, 12:16] = 255
+    paths = write_user_digit_set(np.stack([digit] * len(KINDS)), tmp_path, seed=3)
+    modes = [Image.open(p).mode for p in paths]
+    assert modes == ["L", "RGB", "RGBA", "RGB"]
+    for path in paths:
+        with Image.open(path) as image:
+            assert min(image.size) > 28 * 3
+        assert_mnist_like(prepare_image(path))

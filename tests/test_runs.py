@@ -1,0 +1,86 @@
+"""Run directories after the fact: ``image-logreg runs`` lists them, ``--tensorboard`` logs into them."""
+
+import json
+import sys
+
+import pytest
+
+from image_logreg.cli import main
+
+FAST = ["--epochs", "2", "--quiet", "--no-download"]
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train(capsys, toy_data, out, *extra):
+    code, stdout, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", out, *FAST, "--json", *extra)
+    assert code == 0, err
+    return json.loads(stdout)
+
+
+def test_runs_lists_run_directories(capsys, toy_data, tmp_path):
+    root = tmp_path / "runs"
+    good = train(capsys, toy_data, root / "good")
+    poor = train(capsys, toy_data, root / "nested" / "poor", "--optimizer", "sgd", "--lr", "0.0001", "--epochs", "1")
+    (root / ".staging.partial").mkdir()  # an unfinished run: hidden, never listed
+    (root / "notes").mkdir()
+    (root / "broken").mkdir()
+    (root / "broken" / "config.json").write_text("{")
+    (root / "broken" / "history.json").write_text("[]")
+
+    code, stdout, err = run_cli(capsys, "runs", root, "--json")
+    runs = json.loads(stdout)
+    assert code == 0 and "broken" in err and len(err.strip().splitlines()) == 1
+    assert [r["name"] for r in runs] == ["good", "nested/poor"]  # by creation time
+    first = runs[0]
+    assert first["dataset"] == "mnist" and first["epochs"] == 2 and first["val_accuracy"] == good["val_accuracy"]
+    assert first["batch_size"] > 0 and first["lr"] > 0 and first["seconds"] > 0 and first["created"]
+    assert runs[1]["optimizer"] == "sgd" and runs[1]["lr"] == 0.0001 and runs[1]["val_loss"] == poor["val_loss"]
+
+    code, stdout, _ = run_cli(capsys, "runs", root, "--json", "--sort", "val_accuracy")
+    accs = [r["val_accuracy"] for r in json.loads(stdout)]
+    assert accs == sorted(accs, reverse=True)
+
+    code, stdout, _ = run_cli(capsys, "runs", root)
+    lines = stdout.strip().splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["name", "dataset", "optimizer"] and len(lines) == 3
+    assert "nested/poor" in stdout and f"{good['val_accuracy']:.4f}" in stdout
+
+    code, stdout, err = run_cli(capsys, "runs", tmp_path / "nowhere")
+    assert code == 2 and stdout == "" and "no such directory" in err
+
+
+def test_tensorboard_scalars_and_weight_images(capsys, toy_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    summary = train(capsys, toy_data, out, "--tensorboard")
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "no event file inside the run directory"
+    acc = EventAccumulator(str(out / "tensorboard")).Reload()
+    tags = acc.Tags()
+    assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr", "seconds"} <= set(tags["scalars"])
+    val = acc.Scalars("loss/val")
+    assert [e.step for e in val] == [1, 2]
+    assert [e.value for e in val] == pytest.approx([h["val_loss"] for h in summary["history"]], rel=1e-5)
+    assert len(tags["images"]) == 10 and "weights/0_0_zero" in tags["images"]
+    image = acc.Images("weights/0_0_zero")[0]
+    assert image.width == image.height == 112
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    board = tmp_path / "board"
+    train(capsys, toy_data, tmp_path / "other", "--tensorboard", board, "--epochs", "1")
+    assert list((board / "other").glob("events.out.tfevents.*")) and not (tmp_path / "other" / "tensorboard").exists()
+
+
+def test_tensorboard_missing_is_a_one_line_error(capsys, toy_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if it were not installed
+    code, stdout, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", tmp_path / "r", *FAST, "--tensorboard")
+    assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
+    assert "pip install 'image-logreg[tensorboard]'" in err
+    assert not (tmp_path / "r").exists()
