@@ -23,7 +23,7 @@ from .data import prepare_inputs
 from .errors import CheckpointError
 from .files import read_json, refuse_existing, write_text
 from .metrics import evaluate, logits_of, per_class_scores
-from .plots import plot_curves, save_figure
+from .plots import plot_curves, plot_grid, save_figure
 from .run import default_data_dir, eval_data
 
 import matplotlib.pyplot as plt  # noqa: E402  (after .plots, which selects the file-only Agg backend)
@@ -229,7 +229,7 @@ def plot_mistakes(images, labels, probs, classes: list[str], path, count: int = 
     )
     # the probability of the (wrong) prediction: how sure it was when it was wrong
     titles = [f"{classes[int(labels[i])]} → {classes[int(predicted[i])]}\np = {confidence[i]:.3f}" for i in picks]
-    return _image_grid([images[i].numpy() for i in picks], titles, ["tab:red"] * len(picks), title, path)
+    return plot_grid([images[i].numpy() for i in picks], titles, path, title, ["tab:red"] * len(picks))
 
 
 def plot_samples(images, labels, probs, classes: list[str], path, count: int = SAMPLES, seed: int = 0) -> Path:
@@ -247,7 +247,7 @@ def plot_samples(images, labels, probs, classes: list[str], path, count: int = S
         f"{len(picks)} random test images (seed {seed}) with the predicted class and its probability:\n"
         f"{right} right (green), {len(picks) - right} wrong (red, with the true class)"
     )
-    return _image_grid([images[i].numpy() for i in picks], titles, colors, title, path)
+    return plot_grid([images[i].numpy() for i in picks], titles, path, title, colors)
 
 
 def plot_calibration(cal: dict, path) -> Path:
@@ -277,33 +277,6 @@ def plot_calibration(cal: dict, path) -> Path:
     ax_hist.set_xlabel("confidence (largest predicted probability)")
     ax_hist.set_ylabel("test images")
     ax_hist.grid(alpha=0.3, axis="y")
-    return save_figure(fig, path)
-
-
-def _image_grid(images, captions: list[str], colors: list[str], title: str, path, cols: int = 8) -> Path:
-    """Captioned images tiled on ONE axes, each row as tall as its longest caption needs.
-
-    plots.plot_grid's fixed row height lets a two-line caption run into the images above it,
-    and one axes per image makes a 24-image grid several times slower to draw.
-    """
-    h, w = images[0].shape
-    rows = -(-len(images) // cols)
-    lines = max(c.count("\n") + 1 for c in captions)
-    cell_in = 1.6  # inches per column; the image fills 90% of it
-    unit = 0.9 * cell_in / w  # inches per pixel
-    gap_x, gap_y = 0.1 * cell_in / unit, (0.16 * lines + 0.1) / unit  # in pixels: room for the captions
-    width, height = cols * (w + gap_x), rows * (h + gap_y)
-    fig = plt.figure(figsize=(width * unit, height * unit))
-    ax = fig.add_axes((0, 0, 1, 1))
-    for k, (image, caption, color) in enumerate(zip(images, captions, colors)):
-        x0, y0 = (k % cols) * (w + gap_x) + gap_x / 2, (k // cols) * (h + gap_y) + gap_y
-        # raw uint8, as stored: what a person would see, whatever the model's preprocessing
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255, extent=(x0, x0 + w, y0 + h, y0), interpolation="nearest")
-        ax.text(x0 + w / 2, y0 - 0.05 / unit, caption, ha="center", va="bottom", fontsize=8, color=color)
-    ax.set_xlim(0, width)
-    ax.set_ylim(height, 0)
-    ax.set_axis_off()
-    fig.suptitle(title, y=1.0, va="bottom")  # just above the top row's caption band
     return save_figure(fig, path)
 
 
