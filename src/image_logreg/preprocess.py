@@ -163,7 +163,7 @@ def _ink_on_black(gray: np.ndarray) -> np.ndarray:
     if np.median(_border(gray)) > 0.5:
         gray = 1.0 - gray  # dark ink on light paper
     ink = gray - _background(gray)
-    noise = _paper_noise(gray, peak=float(ink.max()))
+    noise = _paper_noise(ink, clipped=gray == 0.0)
     strong = ink[ink > max(_MIN_CONTRAST, _NOISE_SIGMAS * noise)]
     if strong.size == 0:
         raise ImageError("blank image: no ink found")
@@ -175,18 +175,23 @@ def _ink_on_black(gray: np.ndarray) -> np.ndarray:
     return ink
 
 
-def _paper_noise(gray: np.ndarray, peak: float) -> float:
-    """Noise sigma of the paper, from differences of neighbouring pixels in the border.
+def _paper_noise(ink: np.ndarray, clipped: np.ndarray) -> float:
+    """Noise sigma of the paper, measured in the border in two ways that strokes crossing it hardly touch.
 
-    Differences ignore the paper's tone and lighting and the smooth sides of
-    strokes crossing the border; pairs of clipped (pure white) pixels say nothing.
+    Strokes lie only above the paper, so the spread below its median is clean;
+    but clipped (pure white) paper has lost that half, and JPEG smooths noise
+    into blotches, so differences of neighbouring pixels stand in as well.
+    Stroke cores, and pairs of clipped pixels, which show no noise, are left out.
     """
-    mask = _border_mask(gray.shape)[:, 1:]
-    left, right = gray[:, :-1][mask], gray[:, 1:][mask]
-    pairs = (np.maximum(left, right) < 0.5 * peak) & ((left != 0) | (right != 0))
-    if not pairs.any():
-        return 0.0
-    return float(1.4826 * np.median(np.abs(left[pairs] - right[pairs])) / np.sqrt(2))
+    not_core = 0.5 * ink.max()
+    border = _border(ink)
+    border = border[border < not_core]
+    below = np.median(border) - np.percentile(border, 15.9) if border.size else 0.0
+    mask = _border_mask(ink.shape)[:, 1:]
+    left, right = ink[:, :-1][mask], ink[:, 1:][mask]
+    paper = (np.maximum(left, right) < not_core) & ~(clipped[:, :-1][mask] & clipped[:, 1:][mask])
+    step = np.median(np.abs(left[paper] - right[paper])) if paper.any() else 0.0
+    return float(max(below, 1.4826 * step / np.sqrt(2)))
 
 
 def _background(gray: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from .metrics import loss_and_accuracy
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
 DEFAULT_LR = {"adam": 0.01, "sgd": 0.1, "lbfgs": 1.0}  # each tuned on MNIST and Fashion-MNIST
 SCHEDULES = ("constant", "cosine")
+SMALL_STEP = 1 << 20  # input elements per step below which one CPU thread is faster than several
 
 
 @dataclass
@@ -132,7 +133,8 @@ def fit(
     minibatch = cfg.optimizer != "lbfgs"
 
     history = []
-    with _single_thread(minibatch and device.type == "cpu"):
+    rows_per_step = min(cfg.batch_size, len(x_train)) if minibatch else len(x_train)
+    with _single_thread(device.type == "cpu" and rows_per_step * x_train.shape[1] < SMALL_STEP):
         for epoch in range(1, cfg.epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
@@ -176,10 +178,11 @@ def fit(
 
 @contextlib.contextmanager
 def _single_thread(enabled: bool):
-    """Run small-batch steps on one CPU thread.
+    """Run small steps on one CPU thread.
 
-    A step multiplies a batch by a 784x10 matrix: far too little work to share between
-    threads, and on a busy machine the threads' hand-offs cost more than the arithmetic.
+    A minibatch step multiplies, say, 128x784 inputs by a 784x10 matrix: far too little work
+    to share between threads, and on a busy machine their hand-offs cost more than the
+    arithmetic. Full-batch steps over the whole training set are big enough to share.
     """
     before = torch.get_num_threads()
     if enabled:
