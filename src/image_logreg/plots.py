@@ -21,6 +21,21 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     return Path(path)
 
 
+WEIGHT_CMAP = "RdBu_r"  # diverging: red for positive weights, blue for negative, white at zero
+
+
+def weight_templates(model):
+    """Each class's weights shaped as an image, and one symmetric colour limit for them all.
+
+    One scale lets the classes compare directly. A few rarely lit border pixels get extreme
+    weights that would wash every template out, so the top 0.5% of magnitudes saturate.
+    """
+    weights = model.linear.weight.detach().cpu().float().reshape(model.num_classes, *model.input_shape)
+    magnitudes = weights.abs().flatten()
+    limit = magnitudes.quantile(0.995).item() or magnitudes.max().item() or 1.0
+    return weights, limit
+
+
 def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Accuracy and loss per epoch, training and validation side by side."""
     epochs = [h["epoch"] for h in history]

@@ -23,7 +23,7 @@ from .data import prepare_inputs
 from .errors import CheckpointError
 from .files import read_json, refuse_existing, write_text
 from .metrics import evaluate, logits_of, per_class_scores
-from .plots import plot_curves, plot_grid, save_figure
+from .plots import WEIGHT_CMAP, plot_curves, plot_grid, save_figure, weight_templates
 from .run import default_data_dir, eval_data
 
 import matplotlib.pyplot as plt  # noqa: E402  (after .plots, which selects the file-only Agg backend)
@@ -167,19 +167,15 @@ def calibration_reading(cal: dict) -> str:
 
 def plot_weights(model, classes: list[str], path) -> Path:
     """Each class's weight row as an image: where ink raises (red) or lowers (blue) its score."""
-    weights = model.linear.weight.detach().cpu().reshape(len(classes), *model.input_shape)
-    # One symmetric scale for all classes, so they compare directly and white means zero. A few
-    # extreme pixels would wash every template out, so the top 0.5% saturate (arrows on the bar).
-    magnitudes = weights.abs().flatten()
-    limit = magnitudes.quantile(0.995).item() or magnitudes.max().item() or 1.0
-    clipped = magnitudes.max().item() > limit
+    weights, limit = weight_templates(model)
+    clipped = weights.abs().max().item() > limit  # arrows on the colour bar say so
     cols = min(len(classes), 5)
     rows = -(-len(classes) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows + 0.6), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, w, name in zip(axes.flat, weights, classes):
-        im = ax.imshow(w.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit)
+        im = ax.imshow(w.numpy(), cmap=WEIGHT_CMAP, vmin=-limit, vmax=limit)
         ax.set_title(name, fontsize=10)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, extend="both" if clipped else "neither",
                  label="weight (red: evidence for, blue: against)")

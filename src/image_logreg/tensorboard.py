@@ -26,7 +26,6 @@ SCALARS = {
     "lr": "lr",
     "seconds": "seconds",
 }
-COLORMAP = "RdBu_r"
 UPSCALE = 4  # 28x28 templates are tiny in TensorBoard's image panel
 
 
@@ -40,16 +39,14 @@ def require() -> None:
         raise UsageError(f"--tensorboard needs the tensorboard package: {INSTALL_HINT}")
 
 
-def template_images(weight, input_shape, cmap: str = COLORMAP) -> np.ndarray:
+def template_images(model) -> np.ndarray:
     """``num_classes x H x W x 3`` float RGB images of the weights, diverging colours centred at 0."""
     from matplotlib import colormaps
 
-    w = np.asarray(weight.detach().cpu().float().numpy() if hasattr(weight, "detach") else weight, dtype=np.float64)
-    w = w.reshape(len(w), *input_shape)
-    # One scale for all classes, so templates compare; a few extreme pixels (rarely lit border
-    # pixels get large weights) are clipped rather than allowed to wash out everything else.
-    scale = float(np.quantile(np.abs(w), 0.995)) or float(np.abs(w).max()) or 1.0
-    rgb = colormaps[cmap](np.clip(0.5 + 0.5 * w / scale, 0, 1))[..., :3]  # [-scale, scale] onto [0, 1], 0 in the middle
+    from .plots import WEIGHT_CMAP, weight_templates
+
+    weights, limit = weight_templates(model)
+    rgb = colormaps[WEIGHT_CMAP](np.clip(0.5 + 0.5 * weights.numpy() / limit, 0, 1))[..., :3]  # [-limit, limit] -> [0, 1]
     return np.repeat(np.repeat(rgb, UPSCALE, axis=1), UPSCALE, axis=2).astype(np.float32)
 
 
@@ -74,7 +71,7 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def finish(self, model, classes: list[str], step: int | None = None) -> None:
-        images = template_images(model.linear.weight, model.input_shape)
+        images = template_images(model)
         for i, (image, name) in enumerate(zip(images, classes)):
             self.writer.add_image(tag_for(i, name), image, global_step=step, dataformats="HWC")
         self.close()
