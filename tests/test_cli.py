@@ -116,9 +116,9 @@ def test_predict_index_and_files(capsys, toy_data, tmp_path):
 def test_predict_bad_file_reports_it_and_goes_on(capsys, toy_data, tmp_path):
     out = tmp_path / "run"
     train(capsys, toy_data, out)
-    from image_logreg.data import load_split
-
-    Image.fromarray(load_split("mnist", toy_data, "test", download=False).images[0].numpy()).save(tmp_path / "good.png")
+    digit = np.zeros((28, 28), dtype=np.uint8)
+    digit[4:24, 12:16] = 255  # a clean "1": white ink on black, as MNIST stores it
+    Image.fromarray(digit).save(tmp_path / "good.png")
     (tmp_path / "bad.png").write_text("this is not an image")
     code, stdout, err = run_cli(capsys, "predict", out, tmp_path / "bad.png", tmp_path / "good.png", "--json")
     assert code == 2

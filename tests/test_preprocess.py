@@ -25,12 +25,12 @@ DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MNIST_RAW = DATA_DIR / "MNIST" / "raw"
 
 
-def draw_seven(size=(160, 220), ink=0, paper=255) -> np.ndarray:
+def draw_seven() -> np.ndarray:
     """A binary, off-centre '7' (uint8 H x W), so every image mode can hold exactly the same picture."""
-    image = Image.new("L", size, paper)
+    image = Image.new("L", (160, 220), 255)
     pen = ImageDraw.Draw(image)
-    pen.line([(30, 40), (110, 40), (60, 190)], fill=ink, width=12)
-    pen.line([(55, 115), (100, 115)], fill=ink, width=10)
+    pen.line([(30, 40), (110, 40), (60, 190)], fill=0, width=12)
+    pen.line([(55, 115), (100, 115)], fill=0, width=10)
     return np.asarray(image)
 
 
@@ -52,6 +52,10 @@ def save_in_mode(picture: np.ndarray, mode: str, path: Path) -> Path:
         image = Image.fromarray(picture).convert("1", dither=Image.Dither.NONE)
     elif mode == "I;16":
         image = Image.fromarray(picture.astype(np.uint16) * 257)
+    elif mode == "I":
+        image = Image.fromarray(picture.astype(np.int32))
+    elif mode == "F":
+        image = Image.fromarray(picture.astype(np.float32) / 255)
     else:
         image = Image.fromarray(picture).convert(mode)
     image.save(path)
@@ -82,15 +86,18 @@ def assert_mnist_like(digit: np.ndarray) -> None:
 
 # --- reading every image mode -------------------------------------------------------------
 
-MODES = ["1", "L", "P", "P-transparent", "RGB", "RGBA", "LA", "I;16"]
+MODES = ["1", "L", "P", "P-transparent", "RGB", "RGBA", "LA", "I;16", "I", "F"]
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_gives_the_same_digit(tmp_path, mode):
     picture = draw_seven()
     reference = normalize_digit(picture.astype(np.float32) / 255)
-    suffix = ".tif" if mode == "I;16" else ".png"
-    digit = prepare_image(save_in_mode(picture, mode, tmp_path / f"seven{suffix}"))
+    suffix = ".tif" if mode in ("I;16", "I", "F") else ".png"
+    path = save_in_mode(picture, mode, tmp_path / f"seven{suffix}")
+    with Image.open(path) as saved:
+        assert saved.mode == mode.split("-")[0]
+    digit = prepare_image(path)
     assert_mnist_like(digit)
     assert np.abs(digit.astype(int) - reference).mean() < 2
 
@@ -115,6 +122,14 @@ def test_rgb_jpeg_and_multi_frame_gif_are_read(tmp_path):
         assert np.abs(digit.astype(int) - reference).mean() < 4, name
 
 
+def test_phone_photo_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF Orientation: shown turned 90 degrees, as phones save portrait photos
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(draw_seven()).save(path, exif=exif)
+    assert read_grayscale(path).shape == (160, 220)
+
+
 # --- normalisation --------------------------------------------------------------------------
 
 
@@ -135,6 +150,19 @@ def test_uneven_lighting_and_noise_do_not_move_the_digit():
     digit = normalize_digit(noisy.astype(np.float32))
     assert_mnist_like(digit)
     assert np.abs(digit.astype(int) - clean).mean() < 8
+
+
+@pytest.mark.parametrize("paper", ["flat white", "noisy grey"])
+def test_tight_crop_with_strokes_touching_the_edges(paper):
+    rng = np.random.default_rng(4)
+    picture = draw_seven().astype(np.float32) / 255
+    loose = normalize_digit(picture)
+    tight = picture[35:193, 30:117]  # cropped to the ink: strokes run along and into every edge
+    if paper == "noisy grey":
+        tight = np.clip(0.8 * tight + 0.1 + rng.normal(0, 0.02, tight.shape), 0, 1).astype(np.float32)
+    digit = normalize_digit(tight)
+    assert_mnist_like(digit)
+    assert np.abs(digit.astype(int) - loose).mean() < 6
 
 
 def test_aspect_ratio_is_kept():
@@ -239,8 +267,15 @@ def _blank_page(tmp_path):
     return path
 
 
+def _eps(tmp_path):
+    path = tmp_path / "drawing.eps"
+    Image.fromarray(draw_seven()).convert("RGB").save(path)
+    return path
+
+
 BAD_FILES = {
     "not an image": (_text_named_png, "not an image"),
+    "other format (EPS would run Ghostscript)": (_eps, "not an image"),
     "truncated png": (lambda tmp: _truncated(tmp, "png"), "truncated"),
     "truncated jpeg": (lambda tmp: _truncated(tmp, "jpg"), "truncated"),
     "zero bytes": (_empty, "empty file"),
@@ -277,9 +312,10 @@ def test_truncated_images_are_not_silently_accepted():
     assert not ImageFile.LOAD_TRUNCATED_IMAGES
 
 
-def test_blank_array_raises_without_a_file_name():
+@pytest.mark.parametrize("blank", [np.ones((50, 50)), np.zeros((28, 28))], ids=["white page", "black 28x28"])
+def test_blank_array_raises_without_a_file_name(blank):
     with pytest.raises(ImageError, match=r"^blank image: no ink found$"):
-        normalize_digit(np.ones((50, 50), np.float32))
+        normalize_digit(blank.astype(np.float32))
 
 
 # --- real MNIST digits brought as user files ------------------------------------------------
@@ -295,7 +331,7 @@ def _read_idx(path: Path, header: int, shape: tuple[int, ...], count: int) -> np
 @pytest.fixture(scope="module")
 def mnist():
     if not (MNIST_RAW / "t10k-images-idx3-ubyte").exists():
-        if os.environ.get("CI") == "true":
+        if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"MNIST data missing at {MNIST_RAW} (required when CI=true)")
         pytest.skip(f"MNIST data not found at {MNIST_RAW}")
     return {

@@ -9,6 +9,7 @@ repeats the steps that made MNIST.
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from image_logreg.errors import ImageError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+# Pillow's decoders for those suffixes (JPEG also opens phones' MPO files). Other
+# formats are refused: some, like EPS, hand the file to external programs.
+_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 
 # Pixels (0..1 scale) at or below this count as black when asking whether an
 # image already has MNIST's dark background.
@@ -88,13 +92,13 @@ def read_grayscale(path: str | Path) -> np.ndarray:
         # big from a user is an attack or a mistake either way.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=_FORMATS) as image:
                 image.load()  # decode now, so a truncated file fails here and not later
                 return _to_gray_array(ImageOps.exif_transpose(image))
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file") from None
+        raise ImageError(f"{path}: not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
             f"{path}: image too large (more than {Image.MAX_IMAGE_PIXELS} pixels), refusing to decode"
@@ -105,7 +109,7 @@ def read_grayscale(path: str | Path) -> np.ndarray:
         raise ImageError(f"{path}: is a directory, not an image file") from None
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
         raise ImageError(f"{path}: truncated or corrupt image ({_one_line(error)})") from None
 
 
@@ -155,7 +159,8 @@ def normalize_digit(gray: np.ndarray, size: tuple[int, int] = (28, 28), box: int
 def _already_dataset_form(gray: np.ndarray, size: tuple[int, int]) -> bool:
     # Such an image is a dataset sample saved to disk: re-normalising would change
     # the pixels and the prediction would differ from the tensor's.
-    return gray.shape == tuple(size) and np.mean(_border(gray) <= _DARK) >= 0.9
+    # An all-black one is not: it goes on to be reported as blank.
+    return gray.shape == tuple(size) and np.mean(_border(gray) <= _DARK) >= 0.9 and gray.max() > _DARK
 
 
 def _ink_on_black(gray: np.ndarray) -> np.ndarray:
@@ -164,6 +169,11 @@ def _ink_on_black(gray: np.ndarray) -> np.ndarray:
         gray = 1.0 - gray  # dark ink on light paper
     ink = gray - _background(gray)
     noise = _paper_noise(ink, clipped=gray == 0.0)
+    # The plane runs along the paper's darker pixels; lift it to the paper's middle.
+    paper = _border(ink)
+    paper = paper[paper < 0.5 * ink.max()]
+    if paper.size:
+        ink -= np.median(paper)
     strong = ink[ink > max(_MIN_CONTRAST, _NOISE_SIGMAS * noise)]
     if strong.size == 0:
         raise ImageError("blank image: no ink found")
@@ -176,37 +186,59 @@ def _ink_on_black(gray: np.ndarray) -> np.ndarray:
 
 
 def _paper_noise(ink: np.ndarray, clipped: np.ndarray) -> float:
-    """Noise sigma of the paper, measured in the border in two ways that strokes crossing it hardly touch.
+    """Noise sigma of the paper in the border, read two ways that strokes crossing it hardly touch.
 
-    Strokes lie only above the paper, so the spread below its median is clean;
-    but clipped (pure white) paper has lost that half, and JPEG smooths noise
-    into blotches, so differences of neighbouring pixels stand in as well.
-    Stroke cores, and pairs of clipped pixels, which show no noise, are left out.
+    Strokes only lie above the paper, so the paper's lower tail is clean: the
+    6.7th to 30.9th percentile span one sigma. Clipped paper (pure white, or a
+    flat drawing) has lost that tail, and JPEG smooths noise into blotches, so
+    differences of neighbouring pixels count too, but not between two clipped
+    pixels, which show no noise. Stroke cores are left out of both.
     """
     not_core = 0.5 * ink.max()
-    border = _border(ink)
-    border = border[border < not_core]
-    below = np.median(border) - np.percentile(border, 15.9) if border.size else 0.0
-    mask = _border_mask(ink.shape)[:, 1:]
-    left, right = ink[:, :-1][mask], ink[:, 1:][mask]
-    paper = (np.maximum(left, right) < not_core) & ~(clipped[:, :-1][mask] & clipped[:, 1:][mask])
-    step = np.median(np.abs(left[paper] - right[paper])) if paper.any() else 0.0
-    return float(max(below, 1.4826 * step / np.sqrt(2)))
+    mask = _border_mask(ink.shape)
+    paper = ink[mask][ink[mask] < not_core]
+    spread = np.percentile(paper, 30.9) - np.percentile(paper, 6.7) if paper.size else 0.0
+    pairs = mask[:, 1:]
+    left, right = ink[:, :-1][pairs], ink[:, 1:][pairs]
+    usable = (np.maximum(left, right) < not_core) & ~(clipped[:, :-1][pairs] & clipped[:, 1:][pairs])
+    step = np.median(np.abs(left[usable] - right[usable])) if usable.any() else 0.0
+    return float(max(spread, 1.4826 * step / np.sqrt(2)))
 
 
 def _background(gray: np.ndarray) -> np.ndarray:
-    """The paper's level at each pixel: a plane through the medians of the four edges.
+    """The paper's level at each pixel: a plane fitted to the paper along the four edges.
 
-    Lighting often slopes across a photo; medians ignore strokes that cross an edge.
+    Lighting often slopes across a photo, so one level will not do. Each edge is
+    read in short pieces, each at a low percentile so a stroke along part of it
+    is ignored; pieces that are mostly stroke, as in a tight crop, are then
+    dropped as outliers above the plane.
     """
     h, w = gray.shape
-    strip = max(1, min(h, w) // 40)
-    top, bottom = np.median(gray[:strip]), np.median(gray[-strip:])
-    left, right = np.median(gray[:, :strip]), np.median(gray[:, -strip:])
-    rows = np.linspace(top - (top + bottom) / 2, bottom - (top + bottom) / 2, h, dtype=np.float32)
-    cols = np.linspace(left - (left + right) / 2, right - (left + right) / 2, w, dtype=np.float32)
-    level = np.median(_border(gray))
-    return level + rows[:, None] + cols[None, :]
+    strip = _border_width(gray.shape)
+    pieces = []  # (row, column, paper level) of each piece of edge
+    for start, stop in _spans(w):
+        middle = (start + stop - 1) / 2
+        pieces.append((0.0, middle, np.percentile(gray[:strip, start:stop], 25)))
+        pieces.append((h - 1.0, middle, np.percentile(gray[-strip:, start:stop], 25)))
+    for start, stop in _spans(h):
+        middle = (start + stop - 1) / 2
+        pieces.append((middle, 0.0, np.percentile(gray[start:stop, :strip], 25)))
+        pieces.append((middle, w - 1.0, np.percentile(gray[start:stop, -strip:], 25)))
+    rows, cols, levels = np.array(pieces).T
+    design = np.stack([np.ones_like(rows), rows / h, cols / w], axis=1)
+    coef = np.array([np.median(levels), 0.0, 0.0])  # a start that a minority of stroke pieces cannot drag
+    for _ in range(3):
+        residual = levels - design @ coef
+        keep = residual <= np.median(residual) + max(3 * np.median(np.abs(residual)), 0.01)
+        coef = np.linalg.lstsq(design[keep], levels[keep], rcond=None)[0]
+    row_term = coef[1] * np.arange(h, dtype=np.float32)[:, None] / h
+    col_term = coef[2] * np.arange(w, dtype=np.float32)[None, :] / w
+    return (coef[0] + row_term + col_term).astype(np.float32)
+
+
+def _spans(length: int, count: int = 8) -> list[tuple[int, int]]:
+    edges = np.linspace(0, length, count + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def _border(image: np.ndarray) -> np.ndarray:
@@ -214,9 +246,13 @@ def _border(image: np.ndarray) -> np.ndarray:
     return image[_border_mask(image.shape)]
 
 
+def _border_width(shape: tuple[int, ...]) -> int:
+    return max(1, min(shape[:2]) // 40)
+
+
 def _border_mask(shape: tuple[int, ...]) -> np.ndarray:
     h, w = shape[:2]
-    width = max(1, min(h, w) // 40)
+    width = _border_width(shape)
     mask = np.zeros((h, w), dtype=bool)
     mask[:width, :] = mask[-width:, :] = True
     mask[:, :width] = mask[:, -width:] = True
@@ -251,6 +287,8 @@ def _centre_by_mass(glyph: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     canvas = np.zeros(size, dtype=np.float32)
     gh, gw = glyph.shape
     mass = glyph.sum()
+    if mass <= 0:  # a speck that vanished in the resize
+        raise ImageError("blank image: no ink found")
     com_y = (glyph.sum(axis=1) @ np.arange(gh)) / mass
     com_x = (glyph.sum(axis=0) @ np.arange(gw)) / mass
     # MNIST's centres of mass average (14.0, 14.0) in pixel indices on 28x28.
@@ -265,7 +303,7 @@ def _to_uint8(gray: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8)
 
 
-def resize_gray(gray: np.ndarray, size: tuple[int, int] = (28, 28)) -> np.ndarray:
+def _resize_gray(gray: np.ndarray, size: tuple[int, int] = (28, 28)) -> np.ndarray:
     """Only resize to `size` (height, width), no inversion or centring: the naive `--no-normalize` path."""
     image = Image.fromarray(np.asarray(gray, dtype=np.float32))
     resized = image.resize((size[1], size[0]), Image.Resampling.LANCZOS)
@@ -276,7 +314,7 @@ def prepare_image(path: str | Path, normalize: bool = True, size: tuple[int, int
     """The file at `path` as a uint8 `size` digit ready for the model; ImageError names the file."""
     gray = read_grayscale(path)  # its errors already name the file
     if not normalize:
-        return resize_gray(gray, size)
+        return _resize_gray(gray, size)
     # MNIST's 20-pixel box in a 28-pixel field, kept in proportion for other sizes.
     box = round(PREPROCESSING["box"] * min(size) / min(PREPROCESSING["size"]))
     try:
