@@ -10,6 +10,25 @@ import numpy as np
 import pytest
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FAST = ["--epochs", "3", "--quiet", "--no-download"]  # train flags for the toy datasets
+
+
+def run_cli(capsys, *argv):
+    """Run the CLI in-process; return (exit status, stdout, stderr)."""
+    from image_logreg.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def train(capsys, data_dir, out, *extra) -> dict:
+    """``image-logreg train --json`` on a toy dataset; the parsed summary."""
+    import json
+
+    code, stdout, err = run_cli(capsys, "train", "--data-dir", data_dir, "--out", out, *FAST, "--json", *extra)
+    assert code == 0, err
+    return json.loads(stdout)
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

@@ -12,19 +12,7 @@ from PIL import Image
 
 from image_logreg.cli import main
 
-FAST = ["--epochs", "3", "--quiet", "--no-download"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def train(capsys, toy_data, out, *extra):
-    code, stdout, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", out, *FAST, "--json", *extra)
-    assert code == 0, err
-    return json.loads(stdout)
+from conftest import FAST, run_cli, train
 
 
 def assert_one_line_error(code, out, err, *fragments):
@@ -205,6 +193,9 @@ def test_predict_needs_something_to_predict(capsys, toy_data, tmp_path):
     assert_one_line_error(code, out, err, "--index")
     code, out, err = run_cli(capsys, "predict", tmp_path / "run", "--index", "100000")
     assert_one_line_error(code, out, err, "out of range")
+    (tmp_path / "empty").mkdir()
+    code, out, err = run_cli(capsys, "predict", tmp_path / "run", tmp_path / "empty")
+    assert_one_line_error(code, out, err, "no image files")
 
 
 def test_module_entry_point_has_no_traceback(tmp_path):

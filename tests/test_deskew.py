@@ -1,6 +1,4 @@
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,8 +8,6 @@ import torch.nn.functional as F
 from image_logreg import deskew as deskew_module
 from image_logreg.deskew import DESKEW, deskew
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-RAW = DATA / "MNIST" / "raw"
 
 
 def moments(img):
@@ -138,14 +134,6 @@ def test_rejects_wrong_rank():
         deskew(torch.zeros(2, 1, 28, 28))
 
 
-def _read_idx(path):
-    """IDX files read directly with numpy: avoids importing torchvision."""
-    raw = path.read_bytes()
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
-
-
 def _logreg_accuracy(x_train, y_train, x_test, y_test):
     """Multinomial logistic regression on pixels in [0, 1], full-batch L-BFGS."""
     torch.manual_seed(0)
@@ -165,16 +153,14 @@ def _logreg_accuracy(x_train, y_train, x_test, y_test):
         return (model(x_test).argmax(1) == y_test).float().mean().item()
 
 
-def test_deskewing_helps_a_linear_classifier_on_mnist():
-    if not (RAW / "train-images-idx3-ubyte").is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"MNIST not found under {RAW}")
-        pytest.skip(f"MNIST not found under {RAW}")
+def test_deskewing_helps_a_linear_classifier_on_mnist(real_data):
+    from image_logreg.data import load_split
+
     n_train, n_test = 6000, 4000
-    x_train = _read_idx(RAW / "train-images-idx3-ubyte")[:n_train]
-    y_train = _read_idx(RAW / "train-labels-idx1-ubyte")[:n_train].long()
-    x_test = _read_idx(RAW / "t10k-images-idx3-ubyte")[:n_test]
-    y_test = _read_idx(RAW / "t10k-labels-idx1-ubyte")[:n_test].long()
+    train = load_split("mnist", real_data, "train", download=False)
+    test = load_split("mnist", real_data, "test", download=False)
+    x_train, y_train = train.images[:n_train], train.labels[:n_train]
+    x_test, y_test = test.images[:n_test], test.labels[:n_test]
 
     raw = _logreg_accuracy(x_train, y_train, x_test, y_test)
     deskewed = _logreg_accuracy(deskew(x_train), y_train, deskew(x_test), y_test)

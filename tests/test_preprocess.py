@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from image_logreg.preprocess import (
 )
 from user_digits import KINDS, write_user_digit_set
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-MNIST_RAW = DATA_DIR / "MNIST" / "raw"
 
 
 def draw_seven() -> np.ndarray:
@@ -321,24 +318,17 @@ def test_blank_array_raises_without_a_file_name(blank):
 # --- real MNIST digits brought as user files ------------------------------------------------
 
 
-def _read_idx(path: Path, header: int, shape: tuple[int, ...], count: int) -> np.ndarray:
-    with open(path, "rb") as handle:
-        handle.seek(header)
-        data = np.frombuffer(handle.read(count * int(np.prod(shape))), dtype=np.uint8)
-    return data.reshape((count, *shape))
-
-
 @pytest.fixture(scope="module")
-def mnist():
-    if not (MNIST_RAW / "t10k-images-idx3-ubyte").exists():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"MNIST data missing at {MNIST_RAW} (required when CI=true)")
-        pytest.skip(f"MNIST data not found at {MNIST_RAW}")
+def mnist(real_data):
+    from image_logreg.data import load_split
+
+    train = load_split("mnist", real_data, "train", download=False)
+    test = load_split("mnist", real_data, "test", download=False)
     return {
-        "train_images": _read_idx(MNIST_RAW / "train-images-idx3-ubyte", 16, (28, 28), 10_000),
-        "train_labels": _read_idx(MNIST_RAW / "train-labels-idx1-ubyte", 8, (), 10_000),
-        "test_images": _read_idx(MNIST_RAW / "t10k-images-idx3-ubyte", 16, (28, 28), 10_000),
-        "test_labels": _read_idx(MNIST_RAW / "t10k-labels-idx1-ubyte", 8, (), 10_000),
+        "train_images": train.images[:10_000].numpy(),
+        "train_labels": train.labels[:10_000].numpy(),
+        "test_images": test.images.numpy(),
+        "test_labels": test.labels.numpy(),
     }
 
 

@@ -7,19 +7,7 @@ import pytest
 
 from image_logreg.cli import main
 
-FAST = ["--epochs", "2", "--quiet", "--no-download"]
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def train(capsys, toy_data, out, *extra):
-    code, stdout, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", out, *FAST, "--json", *extra)
-    assert code == 0, err
-    return json.loads(stdout)
+from conftest import FAST, run_cli, train
 
 
 def test_runs_lists_run_directories(capsys, toy_data, tmp_path):
@@ -37,7 +25,7 @@ def test_runs_lists_run_directories(capsys, toy_data, tmp_path):
     assert code == 0 and "broken" in err and len(err.strip().splitlines()) == 1
     assert [r["name"] for r in runs] == ["good", "nested/poor"]  # by creation time
     first = runs[0]
-    assert first["dataset"] == "mnist" and first["epochs"] == 2 and first["val_accuracy"] == good["val_accuracy"]
+    assert first["dataset"] == "mnist" and first["epochs"] == 3 and first["val_accuracy"] == good["val_accuracy"]
     assert first["batch_size"] > 0 and first["lr"] > 0 and first["seconds"] > 0 and first["created"]
     assert runs[1]["optimizer"] == "sgd" and runs[1]["lr"] == 0.0001 and runs[1]["val_loss"] == poor["val_loss"]
 
@@ -66,7 +54,7 @@ def test_tensorboard_scalars_and_weight_images(capsys, toy_data, tmp_path):
     tags = acc.Tags()
     assert {"loss/train", "loss/val", "accuracy/train", "accuracy/val", "lr", "seconds"} <= set(tags["scalars"])
     val = acc.Scalars("loss/val")
-    assert [e.step for e in val] == [1, 2]
+    assert [e.step for e in val] == [1, 2, 3]
     assert [e.value for e in val] == pytest.approx([h["val_loss"] for h in summary["history"]], rel=1e-5)
     assert len(tags["images"]) == 10 and "weights/0_0_zero" in tags["images"]
     image = acc.Images("weights/0_0_zero")[0]

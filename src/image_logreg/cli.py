@@ -158,6 +158,8 @@ def cmd_predict(args) -> int:
     if args.files:
         size = tuple(model.input_shape)
         paths = find_image_files(args.files)
+        if not paths:
+            raise UsageError(f"no image files (PNG, JPEG, GIF, BMP, WebP, TIFF) found in {', '.join(args.files)}")
         for n, path in enumerate(paths):
             try:
                 image = prepare_image(path, normalize=not args.no_normalize, size=size)
@@ -304,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data-dir", default=None if for_model else default_data_dir(), help=dir_help)
         p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
 
+    def run_flags(p):
+        """What train and sweep share: how long, from which seed, on what inputs and device."""
+        p.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
+        p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
+        p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+
     p = sub.add_parser("train", help="train a model and save a run directory")
     data_flags(p)
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction held out for validation (default: %(default)s)")
@@ -314,13 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="learning rate (default: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_LR.items()) + ")",
     )
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
     p.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 penalty (default: %(default)s)")
     p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
-    p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    run_flags(p)
     p.add_argument("--out", default=None, help="run directory to create (default: runs/<timestamp>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -372,10 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("optimizer", "sgd,adam", defaults.optimizer), ("weight_decay", "0,1e-4", defaults.weight_decay),
     ):
         p.add_argument(f"--{name.replace('_', '-')}", metavar=example, help=f"comma-separated values (default: {default})")
-    p.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
-    p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    run_flags(p)
     p.add_argument("--out", required=True, help="sweep directory: one run directory per configuration, plus sweep.csv/.md/.png")
     p.add_argument("--overwrite", action="store_true", help="retrain configurations that are already done")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
