@@ -96,18 +96,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import resolve_checkpoint
-    from .metrics import evaluate
-    from .data import prepare_inputs
-    from .run import eval_data
+    from .run import eval_data, evaluate_model
     from .train import resolve_device
 
     model, meta, checkpoint, data_dir = open_model(args)
     data = eval_data(meta, args.split, data_dir, checkpoint, download=not args.no_download)
-    device = resolve_device(args.device)
-    x = prepare_inputs(data.images, meta.get("preprocessing", {}), device)
-    result = evaluate(model.to(device), x, data.labels.to(device), data.classes)
-    result = {"model": str(resolve_checkpoint(args.model)), "dataset": meta["dataset"], "split": args.split, **result}
+    result = evaluate_model(model, meta, data, resolve_device(args.device))
+    result = {"model": str(checkpoint), "dataset": meta["dataset"], "split": args.split, **result}
     if args.json:
         emit_json(result)
     else:

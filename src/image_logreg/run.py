@@ -21,6 +21,7 @@ from .checkpoint import CHECKPOINT_NAME, save_model
 from .data import ImageSet, load_split, prepare_inputs, preprocessing_for, split_indices, subset_indices
 from .errors import UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
+from .metrics import evaluate
 from .model import LogisticRegression
 from .plots import plot_curves
 from .train import TrainConfig, fit, resolve_device
@@ -160,6 +161,12 @@ def _environment() -> dict:
         "python_version": platform.python_version(),
         "host": platform.node(),
     }
+
+
+def evaluate_model(model, meta: dict, data: ImageSet, device="cpu") -> dict:
+    """``metrics.evaluate`` on ``data``, fed through the model's own recorded preprocessing."""
+    x = prepare_inputs(data.images, meta.get("preprocessing"), device)
+    return evaluate(model.to(device), x, data.labels.to(device), data.classes)
 
 
 def eval_data(meta: dict, split: str, data_dir, checkpoint: Path, download: bool = True) -> ImageSet:

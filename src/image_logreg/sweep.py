@@ -270,8 +270,7 @@ def _best(rows: list[dict], configs: list[dict]):
 def evaluate_best(best: dict, fixed: dict, log) -> dict:
     """The chosen run's test-set loss and accuracy: the one time the sweep looks at the test set."""
     from .checkpoint import load_model, resolve_checkpoint
-    from .metrics import evaluate
-    from .run import default_config, eval_data, prepare_inputs
+    from .run import default_config, eval_data, evaluate_model
     from .train import resolve_device
 
     config = default_config(**fixed)
@@ -279,8 +278,7 @@ def evaluate_best(best: dict, fixed: dict, log) -> dict:
     checkpoint = resolve_checkpoint(best["run_dir"])
     model, meta = load_model(checkpoint, device=device)
     data = eval_data(meta, "test", config["data_dir"], checkpoint, download=config["download"])
-    x = prepare_inputs(data.images, meta.get("preprocessing", {}), device)
-    result = evaluate(model, x, data.labels.to(device), data.classes)
+    result = evaluate_model(model, meta, data, device)
     log(f"best by validation accuracy: {best['run_dir']}: val {best['val_accuracy']:.4f}, test {result['accuracy']:.4f}")
     return dict(best, test_accuracy=result["accuracy"], test_loss=result["loss"], n_test=result["n"], selected_by="val_accuracy")
 
