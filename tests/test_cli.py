@@ -170,6 +170,12 @@ def test_bad_flag_values(capsys, toy_data, tmp_path, flags, fragment):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present here")
+def test_cuda_asked_for_without_a_device(capsys, toy_data, tmp_path):
+    code, out, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", tmp_path / "r", *FAST, "--device", "cuda")
+    assert_one_line_error(code, out, err, "no CUDA device")
+
+
 def test_diverging_run(capsys, toy_data, tmp_path):
     code, out, err = run_cli(
         capsys, "train", "--data-dir", toy_data, "--out", tmp_path / "r", *FAST,
