@@ -157,6 +157,7 @@ def test_truncated_dataset(capsys, toy_data, tmp_path):
         (["--lr", "-1"], "--lr must be positive"),
         (["--lr", "nan"], "--lr must be positive"),
         (["--epochs", "0"], "--epochs must be positive"),
+        (["--tolerance", "0"], "--tolerance must be positive"),
         (["--batch-size", "x"], "invalid int value"),
         (["--val-fraction", "1.5"], "--val-fraction"),
         (["--train-subset", "100000"], "--train-subset"),
@@ -243,3 +244,9 @@ def test_predict_csv_and_preprocessed_images(capsys, toy_data, tmp_path):
     assert sorted(p.name for p in images.iterdir()) == before  # nothing written beside the user's images
     code, stdout, err = run_cli(capsys, "predict", out, images / "one.png", "--csv", tmp_path / "preds.csv")
     assert_one_line_error(code, stdout, err, "preds.csv already exists")
+
+
+def test_lbfgs_reports_convergence(capsys, toy_data, tmp_path):
+    summary = train(capsys, toy_data, tmp_path / "run", "--optimizer", "lbfgs", "--weight-decay", "0.01", "--epochs", "20", "--tolerance", "1e-4")
+    assert summary["lbfgs"]["converged"] and summary["lbfgs"]["grad_norm"] <= 1e-4 and summary["lbfgs"]["iterations"] > 0
+    assert summary["epochs"] < 20  # stopped once converged

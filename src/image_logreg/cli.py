@@ -69,6 +69,7 @@ def cmd_train(args) -> int:
         "momentum": args.momentum,
         "weight_decay": args.weight_decay,
         "schedule": args.schedule,
+        "tolerance": args.tolerance,
         "seed": args.seed,
         "deskew": args.deskew,
     }
@@ -321,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 penalty (default: %(default)s)")
     p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule (default: %(default)s)")
+    p.add_argument(
+        "--tolerance", type=float, default=defaults.tolerance,
+        help="L-BFGS stops once no gradient entry exceeds this (default: %(default)s)",
+    )
     run_flags(p)
     p.add_argument("--out", default=None, help="run directory to create (default: runs/<timestamp>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
