@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from image_logreg.cli import main
 
 from conftest import FAST, run_cli, train
 

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-from image_logreg.cli import main
 
 from conftest import FAST, run_cli, train
 
