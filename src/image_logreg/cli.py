@@ -266,16 +266,11 @@ def cmd_report(args) -> int:
 def open_model(args):
     """Load ``args.model``; return (model, metadata, checkpoint path, data dir to use)."""
     from .checkpoint import load_model, resolve_checkpoint
-    from .files import read_json
-    from .run import default_data_dir
+    from .run import data_dir_for
 
     checkpoint = resolve_checkpoint(args.model)
     model, meta = load_model(checkpoint, dataset=args.dataset)
-    data_dir = args.data_dir
-    config_file = checkpoint.parent / "config.json"
-    if data_dir is None and config_file.is_file():
-        data_dir = read_json(config_file).get("data_dir")  # where the run found its data
-    return model, meta, checkpoint, data_dir or default_data_dir()
+    return model, meta, checkpoint, data_dir_for(checkpoint, args.data_dir)
 
 
 # --- parser -----------------------------------------------------------------------------------

@@ -47,7 +47,12 @@ def per_class_scores(cm: torch.Tensor) -> dict[str, list[float | None]]:
 @torch.inference_mode()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:
     """Loss, accuracy, per-class accuracy and the confusion matrix of ``model`` on ``(x, y)``."""
-    logits = logits_of(model, x)
+    return scores_of_logits(logits_of(model, x), y, classes)
+
+
+@torch.inference_mode()
+def scores_of_logits(logits: torch.Tensor, y: torch.Tensor, classes: list[str]) -> dict:
+    """``evaluate``'s figures from logits already computed (callers that need them too)."""
     y = y.to(logits.device)
     pred = logits.argmax(1)
     cm = confusion_matrix(y, pred, len(classes))

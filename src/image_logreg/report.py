@@ -22,9 +22,9 @@ from .checkpoint import CHECKPOINT_NAME, load_model
 from .data import prepare_inputs
 from .errors import CheckpointError
 from .files import read_json, refuse_existing, write_text
-from .metrics import evaluate, logits_of, per_class_scores
+from .metrics import logits_of, per_class_scores, scores_of_logits
 from .plots import WEIGHT_CMAP, plot_curves, plot_grid, save_figure, weight_templates
-from .run import default_data_dir, eval_data
+from .run import data_dir_for, eval_data
 
 import matplotlib.pyplot as plt  # noqa: E402  (after .plots, which selects the file-only Agg backend)
 
@@ -59,13 +59,13 @@ def make_report(run_dir, data_dir=None, *, overwrite: bool = True, seed: int = 0
     if not isinstance(history, list) or not history or not isinstance(config, dict):
         raise CheckpointError(f"{run}: history.json holds no epochs, or config.json no settings")
     model, meta = load_model(run, device="cpu")
-    data_dir = data_dir or config.get("data_dir") or default_data_dir()  # as cli.open_model does
+    data_dir = data_dir_for(run / CHECKPOINT_NAME, data_dir)
     test = eval_data(meta, "test", data_dir, run / CHECKPOINT_NAME, download=download)
     classes = meta["classes"]
 
-    x = prepare_inputs(test.images, meta.get("preprocessing", {}), "cpu")
-    result = evaluate(model, x, test.labels, classes)
-    probs = torch.softmax(logits_of(model, x), dim=1)
+    logits = logits_of(model, prepare_inputs(test.images, meta.get("preprocessing"), "cpu"))
+    result = scores_of_logits(logits, test.labels, classes)
+    probs = torch.softmax(logits, dim=1)
     calibration = expected_calibration_error(probs, test.labels, CALIBRATION_BINS)
     cm = torch.tensor(result["confusion"])
 

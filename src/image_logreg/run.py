@@ -163,6 +163,14 @@ def _environment() -> dict:
     }
 
 
+def data_dir_for(checkpoint: Path, data_dir=None) -> str:
+    """``data_dir`` if given, else where the checkpoint's run found its data, else the default."""
+    config_file = Path(checkpoint).parent / "config.json"
+    if data_dir is None and config_file.is_file():
+        data_dir = read_json(config_file).get("data_dir")
+    return data_dir or default_data_dir()
+
+
 def evaluate_model(model, meta: dict, data: ImageSet, device="cpu") -> dict:
     """``metrics.evaluate`` on ``data``, fed through the model's own recorded preprocessing."""
     x = prepare_inputs(data.images, meta.get("preprocessing"), device)
