@@ -83,3 +83,13 @@ def real_data() -> Path:
             pytest.fail(f"real datasets not found at {REAL_DATA}")
         pytest.skip(f"real datasets not found at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def mnist_run(real_data, tmp_path_factory) -> Path:
+    """A run directory trained with the defaults on the real MNIST (about a second), shared by all tests."""
+    from image_logreg.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "mnist"
+    assert main(["train", "--data-dir", str(real_data), "--out", str(out), "--quiet"]) == 0
+    return out

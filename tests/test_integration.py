@@ -28,12 +28,6 @@ def cli_json(capsys, *argv):
     return json.loads(out)
 
 
-@pytest.fixture(scope="module")
-def mnist_run(real_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "mnist"
-    assert main(["train", "--data-dir", str(real_data), "--out", str(out), "--quiet"]) == 0
-    return out
-
 
 def test_tutorial_settings_pass_80_percent_in_5_epochs(capsys, real_data, tmp_path):
     summary = cli_json(

@@ -12,24 +12,18 @@ pytestmark = pytest.mark.integration
 N = 800  # test digits re-rendered; enough for a 3-point margin to mean something, quick to write
 
 
-@pytest.fixture(scope="module")
-def mnist_model(real_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "mnist"
-    assert main(["train", "--data-dir", str(real_data), "--out", str(out), "--quiet"]) == 0
-    return out
 
-
-def test_rerendered_digits_score_within_3_points_of_the_originals(capsys, mnist_model, real_data, tmp_path):
+def test_rerendered_digits_score_within_3_points_of_the_originals(capsys, mnist_run, real_data, tmp_path):
     from image_logreg import load_model, load_split, to_float
 
     test = load_split("mnist", real_data, "test", download=False)
     picks = np.random.default_rng(0).choice(len(test), N, replace=False)
-    model, _ = load_model(mnist_model)
+    model, _ = load_model(mnist_run)
     original = model.score(to_float(test.images[picks]), test.labels[picks])
 
     paths = write_user_digit_set(test.images[picks].numpy(), tmp_path / "user", seed=0)
     assert {p.suffix for p in paths} >= {".png", ".jpg"} and len(paths) == N
-    assert main(["predict", str(mnist_model), str(tmp_path / "user"), "--json", "--top-k", "1"]) == 0
+    assert main(["predict", str(mnist_run), str(tmp_path / "user"), "--json", "--top-k", "1"]) == 0
     preds = {p["source"]: p["label"] for p in json.loads(capsys.readouterr().out)}
     truth = [test.classes[int(test.labels[i])] for i in picks]
     correct = [preds[str(path)] == label for path, label in zip(paths, truth)]
@@ -40,13 +34,13 @@ def test_rerendered_digits_score_within_3_points_of_the_originals(capsys, mnist_
         assert np.mean(correct[k :: len(KINDS)]) >= original - 0.06, kind
 
 
-def test_naive_resizing_would_fail_on_the_same_files(capsys, mnist_model, real_data, tmp_path):
+def test_naive_resizing_would_fail_on_the_same_files(capsys, mnist_run, real_data, tmp_path):
     """Why the normalisation exists: fed naively, such files score near chance."""
     from image_logreg import load_split
 
     test = load_split("mnist", real_data, "test", download=False)
     paths = write_user_digit_set(test.images[:100].numpy(), tmp_path / "user", seed=1)
-    main(["predict", str(mnist_model), str(tmp_path / "user"), "--json", "--top-k", "1", "--no-normalize"])
+    main(["predict", str(mnist_run), str(tmp_path / "user"), "--json", "--top-k", "1", "--no-normalize"])
     preds = {p["source"]: p["label"] for p in json.loads(capsys.readouterr().out)}
     truth = [test.classes[int(y)] for y in test.labels[:100]]
     assert np.mean([preds[str(p)] == t for p, t in zip(paths, truth)]) < 0.5

@@ -9,6 +9,7 @@ repeats the steps that made MNIST.
 
 from __future__ import annotations
 
+import io
 import struct
 import warnings
 from collections.abc import Iterable
@@ -82,35 +83,51 @@ def _images_in_folder(folder: Path) -> list[Path]:
     ]
 
 
-def read_grayscale(path: str | Path) -> np.ndarray:
-    """The image at `path` as float32 H x W in [0, 1], 1 = white; transparency is shown over white."""
-    path = Path(path)
+def read_grayscale(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """An image as float32 H x W in [0, 1], 1 = white; transparency is shown over white.
+
+    ``source`` is a file path, or the file's bytes as uploaded (then ``name`` is what
+    errors call it). Both go through the same decoder and the same checks.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "upload"
+        if len(source) == 0:
+            raise ImageError(f"{label}: empty file")
+        return _decode(lambda: io.BytesIO(source), label)
+    path = Path(source)
     try:
         if path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except PermissionError:
+        raise ImageError(f"{path}: permission denied") from None
+    return _decode(lambda: path, str(path))
+
+
+def _decode(open_source, label: str) -> np.ndarray:
+    try:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an image that
         # big from a user is an attack or a mistake either way.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=_FORMATS) as image:
+            with Image.open(open_source(), formats=_FORMATS) as image:
                 image.load()  # decode now, so a truncated file fails here and not later
                 return _to_gray_array(ImageOps.exif_transpose(image))
-    except ImageError:
-        raise
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
+        raise ImageError(f"{label}: not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(
-            f"{path}: image too large (more than {Image.MAX_IMAGE_PIXELS} pixels), refusing to decode"
+            f"{label}: image too large (more than {Image.MAX_IMAGE_PIXELS} pixels), refusing to decode"
         ) from None
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{label}: no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"{path}: is a directory, not an image file") from None
+        raise ImageError(f"{label}: is a directory, not an image file") from None
     except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
-        raise ImageError(f"{path}: truncated or corrupt image ({_one_line(error)})") from None
+        raise ImageError(f"{label}: permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as error:
+        raise ImageError(f"{label}: truncated or corrupt image ({_one_line(error)})") from None
 
 
 def _to_gray_array(image: Image.Image) -> np.ndarray:
@@ -310,9 +327,14 @@ def _resize_gray(gray: np.ndarray, size: tuple[int, int] = (28, 28)) -> np.ndarr
     return _to_uint8(np.clip(np.asarray(resized), 0.0, 1.0))
 
 
-def prepare_image(path: str | Path, normalize: bool = True, size: tuple[int, int] = (28, 28)) -> np.ndarray:
-    """The file at `path` as a uint8 `size` digit ready for the model; ImageError names the file."""
-    gray = read_grayscale(path)  # its errors already name the file
+def prepare_image(
+    source: str | Path | bytes, normalize: bool = True, size: tuple[int, int] = (28, 28), name: str | None = None
+) -> np.ndarray:
+    """An image file (path, or uploaded bytes called ``name``) as a uint8 ``size`` digit for the model.
+
+    The command line, the HTTP API and the web page all come through here. ImageError names the file.
+    """
+    gray = read_grayscale(source, name)  # its errors already name the file
     if not normalize:
         return _resize_gray(gray, size)
     # MNIST's 20-pixel box in a 28-pixel field, kept in proportion for other sizes.
@@ -320,4 +342,5 @@ def prepare_image(path: str | Path, normalize: bool = True, size: tuple[int, int
     try:
         return normalize_digit(gray, size, box=box)
     except ImageError as error:
-        raise ImageError(f"{path}: {error}") from None
+        label = (name or "upload") if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+        raise ImageError(f"{label}: {error}") from None
