@@ -127,8 +127,8 @@ def cmd_predict(args) -> int:
     import torch
 
     from .files import refuse_existing
-    from .predict import predict_images
-    from .preprocess import find_image_files, prepare_image
+    from .predict import predict_file, predict_images
+    from .preprocess import find_image_files
     from .run import eval_data
 
     if not args.files and args.index is None:
@@ -152,18 +152,17 @@ def cmd_predict(args) -> int:
         results += preds
 
     if args.files:
-        size = tuple(model.input_shape)
         paths = find_image_files(args.files)
         if not paths:
             raise UsageError(f"no image files (PNG, JPEG, GIF, BMP, WebP, TIFF) found in {', '.join(args.files)}")
         for n, path in enumerate(paths):
             try:
-                image = prepare_image(path, normalize=not args.no_normalize, size=size)
+                result, image = predict_file(model, meta, path, args.top_k, normalize=not args.no_normalize)
             except ImageLogregError as exc:
                 fail(str(exc), 2)  # one line per bad file; the others are still predicted
                 errors.append({"source": str(path), "error": str(exc)})
                 continue
-            results += predict_images(model, torch.from_numpy(image)[None], meta, [str(path)], args.top_k)
+            results.append(result)
             if args.save_preprocessed:
                 results[-1]["preprocessed"] = str(save_preprocessed(image, args.save_preprocessed, n, path, args.overwrite))
 
@@ -260,6 +259,17 @@ def cmd_report(args) -> int:
         emit_json({"report": result["report"], "test_accuracy": result["test_accuracy"], "ece": result["ece"]})
     else:
         print(result["report"])
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve import serve
+
+    serve(
+        args.models, host=args.host, port=args.port, token_file=args.token_file, no_auth=args.no_auth,
+        cors_origins=args.cors_origin, max_body=args.max_body, max_images=args.max_images,
+        dataset=args.dataset, device=args.device,
+    )
     return 0
 
 
@@ -393,4 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
     p.add_argument("--json", action="store_true", help="print one JSON document: report path, test accuracy, ECE")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("serve", help="serve models over HTTP: the Open Inference Protocol, image files and a page")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="run directory, .safetensors or tutorial .pth, optionally NAME=PATH (default name: the folder's or file's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s; 0 picks a free port)")
+    p.add_argument("--token-file", metavar="FILE", help="require 'Authorization: Bearer TOKEN' with the token in FILE "
+                   "(or in $IMAGE_LOGREG_TOKEN); needed to listen beyond this machine")
+    p.add_argument("--no-auth", action="store_true", help="listen beyond this machine without a token")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable)")
+    p.add_argument("--max-body", type=int, default=None, metavar="BYTES", help="largest request body (default: 8 MiB)")
+    p.add_argument("--max-images", type=int, default=None, metavar="N", help="most images per request (default: 1024)")
+    p.add_argument("--dataset", choices=list(DATASETS), default=None, help="what a tutorial state_dict was trained on")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    p.set_defaults(func=cmd_serve)
     return parser

@@ -13,6 +13,10 @@ class ImageError(ImageLogregError):
     """An image file cannot be read or holds no usable image."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image with more pixels than is safe to decode (a decompression bomb, or a mistake)."""
+
+
 class CheckpointError(ImageLogregError):
     """A checkpoint is unreadable or does not fit the model or dataset."""
 

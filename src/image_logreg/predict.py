@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .data import prepare_inputs
@@ -18,6 +19,20 @@ def top_k(model: LogisticRegression, x: torch.Tensor, classes: list[str], k: int
     ]
 
 
+def predict_file(
+    model, meta: dict, source, k: int = 3, normalize: bool = True, name: str | None = None
+) -> tuple[dict, np.ndarray]:
+    """One image file (a path, or uploaded bytes called ``name``): its ``{source, label, top_k}``
+    and the uint8 image the model was given. The command line, the HTTP API and the page
+    all predict files through here, so they answer alike.
+    """
+    from .preprocess import prepare_image
+
+    image = prepare_image(source, normalize=normalize, size=tuple(model.input_shape), name=name)
+    result = predict_images(model, torch.from_numpy(image)[None], meta, [name or str(source)], k)[0]
+    return result, image
+
+
 def predict_images(
     model, images_uint8: torch.Tensor, meta: dict, sources: list[str], k: int = 3
 ) -> list[dict]:
@@ -28,3 +43,25 @@ def predict_images(
     x = prepare_inputs(images_uint8, meta.get("preprocessing"), model.device)
     ranked = top_k(model, x, meta["classes"], k)
     return [{"source": s, "label": r[0]["label"], "top_k": r} for s, r in zip(sources, ranked)]
+
+
+@torch.no_grad()
+def explain(model: LogisticRegression, images_uint8: torch.Tensor, meta: dict) -> list[dict]:
+    """Why the model decided as it did, per image: what it saw and each pixel's evidence.
+
+    ``seen`` is the image after the model's own preprocessing (0-255); ``evidence`` is each
+    pixel's contribution to the top class's logit (input x weight), which with ``bias`` sums
+    to that logit. ``probabilities`` covers every class, in class order.
+    """
+    x = prepare_inputs(images_uint8, meta.get("preprocessing"), model.device)
+    proba = model.predict_proba(x).cpu()
+    top = proba.argmax(dim=1)
+    flat = x.reshape(len(x), -1).cpu()
+    weights = model.linear.weight.detach().cpu()[top]
+    evidence = (flat * weights).reshape(x.shape)
+    seen = (x.cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    bias = model.linear.bias.detach().cpu()[top]
+    return [
+        {"probabilities": p.tolist(), "seen": s.tolist(), "evidence": e.tolist(), "bias": float(b)}
+        for p, s, e, b in zip(proba, seen, evidence, bias)
+    ]

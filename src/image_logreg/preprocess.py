@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from image_logreg.errors import ImageError
+from image_logreg.errors import ImageError, ImageTooLargeError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 # Pillow's decoders for those suffixes (JPEG also opens phones' MPO files). Other
@@ -117,7 +117,7 @@ def _decode(open_source, label: str) -> np.ndarray:
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(
+        raise ImageTooLargeError(
             f"{label}: image too large (more than {Image.MAX_IMAGE_PIXELS} pixels), refusing to decode"
         ) from None
     except FileNotFoundError:

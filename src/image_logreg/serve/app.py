@@ -1,0 +1,239 @@
+"""The HTTP API: the Open Inference Protocol for programs, /predict for image files, the page.
+
+Every answer a client can cause is a 2xx, or a 4xx with ``{"error": "..."}``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from urllib.parse import quote
+
+import anyio
+import orjson
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+
+from .. import __version__
+from ..errors import ImageError, ImageTooLargeError
+from ..predict import explain, predict_file
+from . import protocol
+from .guard import Guard
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import ErrorResponse, InferenceRequest, InferenceResponse, ModelMetadata, ProtocolError, ServerMetadata
+from .registry import VERSION, ServedModel
+
+MAX_BODY = 8 * 1024 * 1024
+MAX_IMAGES = 1024
+# Decoding a large photo takes a lot of memory for a moment; as many at once as there are cores.
+DECODE_SLOTS = 2
+STATIC = resources.files("image_logreg.serve") / "static"
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415)}
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
+def create_app(
+    models: dict[str, ServedModel],
+    *,
+    token: str | None = None,
+    max_body: int = MAX_BODY,
+    max_images: int = MAX_IMAGES,
+    cors_origins: list[str] | None = None,
+    log=None,
+) -> Guard:
+    """The ASGI application serving ``models``. ``token`` set: every API request needs it."""
+    metrics = Metrics()
+    app = FastAPI(
+        title="image-logreg", version=__version__, docs_url=None, redoc_url=None,
+        default_response_class=JSONResponse,
+        description="Image classification with logistic regression: the Open Inference Protocol (v2) and image files.",
+    )
+    decode_slots = anyio.CapacityLimiter(DECODE_SLOTS)
+    _add_error_handlers(app)
+
+    def served(name: str) -> ServedModel:
+        if name not in models:
+            raise ProtocolError(f"unknown model {name!r}; this server has {', '.join(models)}", 404)
+        return models[name]
+
+    def version_checked(name: str, version: str | None) -> ServedModel:
+        model = served(name)
+        if version not in (None, "", VERSION):
+            raise ProtocolError(f"model {name!r} has version {VERSION} only, not {version!r}", 404)
+        return model
+
+    # --- Open Inference Protocol ---------------------------------------------------------
+
+    @app.get("/v2/health/live", tags=["health"])
+    async def live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["health"])
+    async def ready() -> dict:
+        return {"ready": True}  # models are loaded before the server accepts connections
+
+    @app.get("/v2", response_model=ServerMetadata, tags=["metadata"])
+    async def server_metadata():
+        return {"name": "image-logreg", "version": __version__, "extensions": []}
+
+    @app.get("/v2/models", tags=["metadata"])
+    async def list_models() -> dict:
+        """Every served model's metadata, in the order given to ``serve``."""
+        return {"models": [m.metadata() for m in models.values()]}
+
+    @app.get("/v2/models/{name}", response_model=ModelMetadata, responses=ERRORS, tags=["metadata"])
+    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS, tags=["metadata"])
+    async def model_metadata(name: str, version: str | None = None):
+        return version_checked(name, version).metadata()
+
+    @app.get("/v2/models/{name}/ready", responses=ERRORS, tags=["health"])
+    @app.get("/v2/models/{name}/versions/{version}/ready", responses=ERRORS, tags=["health"])
+    async def model_ready(name: str, version: str | None = None) -> dict:
+        version_checked(name, version)
+        return {"name": name, "ready": True}
+
+    infer_body = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}}}}
+
+    @app.post("/v2/models/{name}/infer", response_model=InferenceResponse, responses=ERRORS, openapi_extra=infer_body, tags=["inference"])
+    @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferenceResponse, responses=ERRORS,
+              openapi_extra=infer_body, tags=["inference"])
+    async def infer(name: str, request: Request, version: str | None = None):
+        """One tensor named ``input``: ``[N, *input_shape]``, UINT8 (0-255) or FP32 (0-1)."""
+        model = version_checked(name, version)
+        if "inference-header-content-length" in request.headers:  # the binary tensor extension's JSON + bytes body
+            raise ProtocolError("binary tensor data is not supported; send JSON data (binary_data=False)")
+        images, outputs, request_id = protocol.decode_request(await request.body(), model, max_images)
+        # Small and quick: answered on the event loop, where a thread hand-off would cost more.
+        response = protocol.infer(model, images, outputs, request_id)
+        metrics.predicted(name, len(images))
+        return JSONResponse(response)
+
+    # --- image files -------------------------------------------------------------------------
+
+    @app.post("/predict", responses=ERRORS, tags=["images"])
+    async def predict(
+        request: Request,
+        model: str | None = Query(None, description="served model name (default: the first)"),
+        top_k: int = Query(3, ge=1, description="probabilities to return per image"),
+        normalize: bool = Query(True, description="MNIST-style normalisation of the image, as `predict` does"),
+        explain_: bool = Query(False, alias="explain", description="add what the model saw and each pixel's evidence"),
+        filename: str | None = Query(None, description="the name to report as `source` for a raw body"),
+    ) -> list[dict]:
+        """Image files as multipart field ``files``, or one image as the raw body: what ``predict --json`` prints."""
+        chosen = served(model) if model is not None else next(iter(models.values()))
+        uploads = await _uploads(request, filename, max_images)
+
+        def run() -> list[dict]:
+            results = []
+            for name, data in uploads:
+                result, image = predict_file(chosen.model, chosen.meta, data, top_k, normalize=normalize, name=name)
+                if explain_:
+                    result.update(explain(chosen.model, torch.from_numpy(image)[None], chosen.meta)[0])
+                results.append(result)
+            return results
+
+        results = await anyio.to_thread.run_sync(run, limiter=decode_slots)
+        metrics.predicted(chosen.name, len(results))
+        return JSONResponse(results)
+
+    # --- operations and the page -------------------------------------------------------------
+
+    @app.get("/metrics", tags=["operations"], response_class=Response)
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    _document_request_schema(app)
+
+    guarded = Guard(app, metrics=metrics, token=token, max_body=max_body, log=log)
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        return CORSMiddleware(guarded, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                              allow_headers=["Authorization", "Content-Type"])
+    return guarded
+
+
+async def _uploads(request: Request, filename: str | None, max_images: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each uploaded image: multipart ``files``, or the raw body as one image."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_images + 1, max_fields=max_images + 16, max_part_size=MAX_BODY)
+        except MultiPartException as exc:
+            status = 413 if "Too many" in str(exc) or "exceeded" in str(exc) else 400
+            raise ProtocolError(f"multipart body refused: {exc}", status) from None
+        files = [f for f in form.getlist("files") if not isinstance(f, str)]
+        if not files:
+            raise ProtocolError("no image files: send them as multipart form field 'files'")
+        if len(files) > max_images:
+            raise ProtocolError(f"{len(files)} images in one request; the limit is {max_images}", 413)
+        return [(f.filename or f"files[{i}]", await f.read()) for i, f in enumerate(files)]
+    if content_type.startswith(("image/", "application/octet-stream")) or not content_type:
+        body = await request.body()
+        if not body:
+            raise ProtocolError("empty body: send an image file as the body, or files as multipart field 'files'")
+        return [(filename or "upload", body)]
+    raise ProtocolError(
+        f"content type {content_type!r} is not an image; send image/*, application/octet-stream or multipart/form-data", 415
+    )
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": "one line"}`` with its status."""
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request, exc: ProtocolError):
+        return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(ImageError)
+    async def image_error(request, exc: ImageError):
+        return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, ImageTooLargeError) else 400)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("query", "path", "body"))
+        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid value')}"}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        message = {404: f"not found: {quote(request.url.path)}", 405: f"method {request.method} not allowed here"}
+        return JSONResponse({"error": message.get(exc.status_code, str(exc.detail))}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):  # a bug, never the client's doing: logged in full
+        return JSONResponse({"error": "internal error; the server log has the details"}, status_code=500)
+
+
+def _document_request_schema(app: FastAPI) -> None:
+    """The infer body is decoded by hand (for speed); its schema still belongs in the OpenAPI document."""
+    build = app.openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = build()
+            defs = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.pop("$defs", {}))
+            components["InferenceRequest"] = defs
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+

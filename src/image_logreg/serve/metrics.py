@@ -1,0 +1,38 @@
+"""Prometheus metrics, as Triton and TorchServe expose them: requests, latency, images."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Milliseconds for a health check or one image, up to seconds for a large upload.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """One registry per server, so two servers in one process (as in tests) keep apart."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "image_logreg_requests", "HTTP requests by endpoint, method and status",
+            ["endpoint", "method", "status"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "image_logreg_request_duration_seconds", "Time from request to response, by endpoint",
+            ["endpoint"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.images = Counter(
+            "image_logreg_images_predicted", "Images predicted, by model", ["model"], registry=self.registry,
+        )
+
+    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def predicted(self, model: str, n: int) -> None:
+        self.images.labels(model).inc(n)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,101 @@
+"""The models a server holds: loaded once at start, each under its name."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model, resolve_checkpoint
+from ..data import prepare_inputs
+from ..errors import UsageError
+from ..model import LogisticRegression
+
+VERSION = "1"  # one version per served name; the protocol's paths may still name it
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class ServedModel:
+    name: str
+    model: LogisticRegression
+    meta: dict
+    path: Path
+    classes: list[str] = field(init=False)
+
+    def __post_init__(self):
+        self.classes = list(self.meta["classes"])
+
+    @property
+    def input_shape(self) -> list[int]:
+        return list(self.model.input_shape)
+
+    @property
+    def deskew(self) -> bool:
+        return bool((self.meta.get("preprocessing") or {}).get("deskew"))
+
+    @torch.inference_mode()
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """What the model sees: uint8 0-255 or float 0-1 images, through its own preprocessing."""
+        if images.dtype == torch.uint8:
+            return prepare_inputs(images, self.meta.get("preprocessing"), self.model.device)
+        x = images.to(self.model.device, torch.float32)
+        if self.deskew:
+            from ..deskew import deskew
+
+            x = deskew(x)
+        return x
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.predict_proba(self.inputs(images)).cpu()
+
+    def metadata(self) -> dict:
+        """Open Inference Protocol model metadata, with the model's own facts as parameters."""
+        k = len(self.classes)
+        return {
+            "name": self.name,
+            "versions": [VERSION],
+            "platform": "image-logreg",
+            "inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, *self.input_shape]}],
+            "outputs": [
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+                {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+            ],
+            "parameters": {
+                "dataset": self.meta.get("dataset"),
+                "classes": self.classes,
+                "input_shape": self.input_shape,
+                "deskew": self.deskew,
+                "metrics": self.meta.get("metrics"),
+            },
+        }
+
+
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH``; without a name, the run directory's name or the file's stem."""
+    name, sep, path = spec.partition("=")
+    if not sep or not _NAME.match(name) or Path(spec).exists():
+        path = spec
+        resolved = Path(spec).resolve()
+        name = resolved.name if resolved.is_dir() else resolved.stem
+    if not _NAME.match(name):
+        raise UsageError(f"model name {name!r} (from {spec}) must be letters, digits, '.', '_' or '-'; write NAME=PATH")
+    return name, path
+
+
+def load_models(specs: list[str], dataset: str | None = None, device: str = "cpu") -> dict[str, ServedModel]:
+    """Load every ``NAME=PATH`` (or ``PATH``) once; two models under one name is an error."""
+    models: dict[str, ServedModel] = {}
+    for spec in specs:
+        name, path = parse_model_spec(spec)
+        if name in models:
+            raise UsageError(f"two models are named {name!r}; give each its own name with NAME=PATH")
+        checkpoint = resolve_checkpoint(path)
+        model, meta = load_model(checkpoint, dataset=dataset, device=device)
+        models[name] = ServedModel(name, model, meta, checkpoint)
+    if not models:
+        raise UsageError("give at least one MODEL to serve")
+    return models

@@ -1,0 +1,327 @@
+"""The HTTP API: every endpoint, every error a client can cause, auth, limits, metrics, two models."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import class_pattern, run_cli, train
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from image_logreg.data import prepare_inputs  # noqa: E402
+from image_logreg.serve import create_app, load_models  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two toy models, one plain and one deskewed, trained once for the module."""
+    from conftest import write_toy_dataset
+    from image_logreg.cli import main
+
+    root = tmp_path_factory.mktemp("serve")
+    data = write_toy_dataset(root / "data", "MNIST")
+    for name, extra in (("plain", []), ("deskewed", ["--deskew"])):
+        argv = ["train", "--data-dir", str(data), "--out", str(root / name), "--epochs", "3", "--quiet", "--no-download"]
+        assert main(argv + extra) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(runs):
+    return load_models([f"plain={runs / 'plain'}", f"deskewed={runs / 'deskewed'}"])
+
+
+@pytest.fixture
+def client(models):
+    lines = []
+    with TestClient(create_app(models, log=lines.append)) as c:
+        c.log_lines = lines
+        yield c
+
+
+def toy_images(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = np.stack([class_pattern(int(k)) for k in labels]) * 200 + rng.uniform(0, 40, (n, 28, 28))
+    return images.astype(np.uint8)
+
+
+def infer_body(images: np.ndarray, datatype="UINT8", nested=False, **extra) -> dict:
+    data = images.tolist() if nested else images.reshape(-1).tolist()
+    return {"inputs": [{"name": "input", "shape": list(images.shape), "datatype": datatype, "data": data}], **extra}
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def user_digit(label: int = 3) -> bytes:
+    """A toy class pattern as a user would bring it: dark on light, large."""
+    big = Image.fromarray(((1 - class_pattern(label)) * 255).astype(np.uint8)).resize((168, 168), Image.NEAREST)
+    return png_bytes(np.asarray(big))
+
+
+def assert_error(response, status: int, *fragments):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and "\n" not in body["error"]
+    for fragment in fragments:
+        assert fragment in body["error"], body["error"]
+
+
+# --- the Open Inference Protocol --------------------------------------------------------------
+
+
+def test_health_and_server_metadata(client):
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    meta = client.get("/v2").json()
+    assert meta["name"] == "image-logreg" and "version" in meta and meta["extensions"] == []
+
+
+def test_model_metadata_describes_tensors_and_classes(client, models):
+    meta = client.get("/v2/models/plain").json()
+    assert meta["name"] == "plain" and meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 28, 28]}]
+    assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"probabilities": [-1, 10], "class_index": [-1]}
+    assert meta["parameters"]["classes"] == models["plain"].classes and meta["parameters"]["deskew"] is False
+    assert client.get("/v2/models/deskewed/versions/1").json()["parameters"]["deskew"] is True
+    assert client.get("/v2/models/plain/ready").json() == {"name": "plain", "ready": True}
+    assert [m["name"] for m in client.get("/v2/models").json()["models"]] == ["plain", "deskewed"]
+
+
+def test_unknown_model_or_version_is_404(client):
+    assert_error(client.get("/v2/models/nope"), 404, "unknown model 'nope'", "plain, deskewed")
+    assert_error(client.get("/v2/models/nope/ready"), 404)
+    assert_error(client.post("/v2/models/nope/infer", json=infer_body(toy_images(1))), 404)
+    assert_error(client.get("/v2/models/plain/versions/2"), 404, "version 1 only")
+    assert_error(client.get("/no/such/path"), 404, "not found")
+    assert_error(client.delete("/v2/models/plain"), 405)
+
+
+@pytest.mark.parametrize("name", ["plain", "deskewed"])
+def test_infer_applies_the_models_own_preprocessing(client, models, name):
+    images = toy_images(5)
+    response = client.post(f"/v2/models/{name}/infer", json=infer_body(images, id="req-1"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_name"] == name and body["model_version"] == "1" and body["id"] == "req-1"
+    outputs = {o["name"]: o for o in body["outputs"]}
+    served = models[name]
+    expected = served.model.predict_proba(prepare_inputs(torch.from_numpy(images), served.meta["preprocessing"]))
+    got = np.array(outputs["probabilities"]["data"], dtype=np.float32).reshape(outputs["probabilities"]["shape"])
+    assert outputs["probabilities"]["datatype"] == "FP32" and got.shape == (5, 10)
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
+    assert outputs["class_index"] == {"name": "class_index", "datatype": "INT64", "shape": [5],
+                                      "data": expected.argmax(1).tolist()}
+
+
+def test_infer_takes_nested_lists_fp32_and_selected_outputs(client):
+    images = toy_images(3, seed=1)
+    flat = client.post("/v2/models/plain/infer", json=infer_body(images)).json()
+    nested = client.post("/v2/models/plain/infer", json=infer_body(images, nested=True)).json()
+    assert nested["outputs"] == flat["outputs"]
+    fp32 = client.post("/v2/models/plain/infer", json=infer_body(images / 255.0, "FP32")).json()
+    np.testing.assert_allclose(fp32["outputs"][0]["data"], flat["outputs"][0]["data"], atol=1e-6)
+    only = client.post("/v2/models/plain/infer", json=infer_body(images, outputs=[{"name": "class_index"}])).json()
+    assert [o["name"] for o in only["outputs"]] == ["class_index"]
+    assert only["outputs"][0]["data"] == flat["outputs"][1]["data"]
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ({"inputs": 3}, "'inputs' must be a list"),
+        ([1, 2], "JSON object"),
+        ({"inputs": [{"name": "x", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}]}, "unknown input 'x'"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "INT8", "data": [0] * 784}]}, "datatype 'INT8'"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 27], "datatype": "UINT8", "data": [0] * 756}]}, "does not fit"),
+        ({"inputs": [{"name": "input", "shape": [784], "datatype": "UINT8", "data": [0] * 784}]}, "does not fit"),
+        ({"inputs": [{"name": "input", "shape": [0, 28, 28], "datatype": "UINT8", "data": []}]}, "no images"),
+        ({"inputs": [{"name": "input", "shape": ["1", 28, 28], "datatype": "UINT8", "data": [0] * 784}]}, "list of integers"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 783}]}, "holds 783 values"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [256] * 784}]}, "0..255"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0.5] * 784}]}, "whole numbers"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "data": [2.0] * 784}]}, "0.0..1.0"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": ["a"] * 784}]}, "only numbers"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [True] * 784}]}, "only numbers"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [[0] * 28, [0]]}]}, "rectangular"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [10**30] * 784}]}, "0..255"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784}],
+          "outputs": [{"name": "logits"}]}, "unknown output 'logits'"),
+        ({"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [0] * 784,
+                      "parameters": {"binary_data_size": 784}}]}, "binary tensor data"),
+    ],
+)
+def test_bad_tensors_are_400_with_a_reason(client, body, fragment):
+    assert_error(client.post("/v2/models/plain/infer", json=body), 400, fragment)
+
+
+def test_infer_refuses_bad_json_binary_bodies_and_too_many_images(models):
+    with TestClient(create_app(models, max_images=4, log=lambda line: None)) as client:
+        assert_error(client.post("/v2/models/plain/infer", content=b"{not json"), 400, "not valid JSON")
+        binary = client.post("/v2/models/plain/infer", content=b"{}\x00\x01",
+                             headers={"Inference-Header-Content-Length": "2"})
+        assert_error(binary, 400, "binary tensor data")
+        assert_error(client.post("/v2/models/plain/infer", json=infer_body(toy_images(5))), 413, "limit is 4")
+        assert client.post("/v2/models/plain/infer", json=infer_body(toy_images(4))).status_code == 200
+
+
+# --- image files ------------------------------------------------------------------------------
+
+
+def test_predict_answers_what_the_cli_prints(capsys, client, runs, tmp_path):
+    files = {"three.png": user_digit(3), "seven.png": user_digit(7)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    code, out, err = run_cli(capsys, "predict", runs / "plain", *[tmp_path / n for n in files], "--top-k", "4", "--json")
+    assert code == 0, err
+    cli = json.loads(out)
+    for r in cli:
+        r["source"] = r["source"].rsplit("/", 1)[-1]
+    multipart = client.post("/predict?model=plain&top_k=4",
+                            files=[("files", (n, d, "image/png")) for n, d in files.items()])
+    assert multipart.status_code == 200, multipart.text
+    assert multipart.json() == cli
+    raw = client.post("/predict?top_k=4&filename=seven.png", content=files["seven.png"],
+                      headers={"Content-Type": "image/png"})
+    assert raw.json() == cli[1:]
+    assert client.post("/predict", content=files["seven.png"]).json()[0]["source"] == "upload"
+
+
+def test_predict_normalize_false_and_the_deskewed_model(capsys, client, runs, tmp_path):
+    (tmp_path / "d.png").write_bytes(user_digit(5))
+    for model, flags in (("plain", ["--no-normalize"]), ("deskewed", [])):
+        code, out, err = run_cli(capsys, "predict", runs / model, tmp_path / "d.png", "--json", *flags)
+        assert code == 0, err
+        query = "&normalize=false" if flags else ""
+        got = client.post(f"/predict?model={model}&filename=d.png{query}", content=user_digit(5)).json()
+        assert got[0]["top_k"] == json.loads(out)[0]["top_k"]
+
+
+def test_predict_explain_shows_what_the_model_saw_and_why(client, models):
+    result = client.post("/predict?explain=true&top_k=10", content=user_digit(2)).json()[0]
+    seen = np.array(result["seen"])
+    evidence = np.array(result["evidence"])
+    assert seen.shape == (28, 28) and evidence.shape == (28, 28) and 0 <= seen.min() and seen.max() <= 255
+    assert len(result["probabilities"]) == 10 and abs(sum(result["probabilities"]) - 1) < 1e-5
+    model = models["plain"].model
+    top = result["top_k"][0]["index"]
+    logit = model(torch.tensor(seen / 255.0, dtype=torch.float32)[None])[0, top].item()
+    assert evidence.sum() + result["bias"] == pytest.approx(logit, abs=1e-2)
+    assert result["probabilities"][top] == pytest.approx(result["top_k"][0]["probability"])
+
+
+def test_predict_errors_name_the_problem(client, tmp_path):
+    assert_error(client.post("/predict", content=b"hello", headers={"Content-Type": "image/png"}), 400, "upload: not an image")
+    blank = png_bytes(np.full((50, 50), 255, np.uint8))
+    assert_error(client.post("/predict?filename=blank.png", content=blank), 400, "blank.png: blank image")
+    truncated = user_digit(1)[:60]
+    assert_error(client.post("/predict", files=[("files", ("cut.png", truncated, "image/png"))]), 400, "cut.png")
+    assert_error(client.post("/predict", content=b""), 400, "empty body")
+    assert_error(client.post("/predict", json={"x": 1}), 415, "not an image")
+    assert_error(client.post("/predict?model=nope", content=user_digit(1)), 404, "unknown model")
+    assert_error(client.post("/predict?top_k=0", content=user_digit(1)), 400, "top_k")
+    assert_error(client.post("/predict?top_k=abc", content=user_digit(1)), 400, "top_k")
+    assert_error(client.post("/predict", files=[("other", ("a.png", user_digit(1), "image/png"))]), 400, "'files'")
+
+
+def test_decompression_bomb_is_413(client):
+    buf = io.BytesIO()
+    Image.new("L", (12000, 12000), 255).save(buf, format="PNG")  # 144 Mpixels in a few hundred KB
+    assert len(buf.getvalue()) < 1_000_000
+    assert_error(client.post("/predict?filename=bomb.png", content=buf.getvalue()), 413, "bomb.png: image too large")
+
+
+def test_body_and_image_count_limits_are_413(models):
+    with TestClient(create_app(models, max_body=4096, max_images=2, log=lambda line: None)) as client:
+        assert_error(client.post("/predict", content=b"x" * 5000), 413, "over the limit of 4096")
+        three = [("files", (f"{i}.png", user_digit(i), "image/png")) for i in range(3)]
+        assert_error(client.post("/predict", files=three), 413, "limit is 2")
+        assert client.post("/predict", files=three[:2]).status_code == 200
+
+
+# --- auth, CORS, metrics, the page ----------------------------------------------------------
+
+
+def test_token_guards_the_api_but_not_the_page(models):
+    with TestClient(create_app(models, token="s3cret", log=lambda line: None)) as client:
+        assert_error(client.get("/v2/health/live"), 401, "Bearer")
+        assert_error(client.get("/v2/models", headers={"Authorization": "Bearer nope"}), 401)
+        assert_error(client.post("/predict", content=user_digit(1), headers={"Authorization": "Basic s3cret"}), 401)
+        ok = {"Authorization": "Bearer s3cret"}
+        assert client.get("/v2/health/live", headers=ok).status_code == 200
+        assert client.post("/predict", content=user_digit(1), headers=ok).status_code == 200
+        assert client.get("/metrics", headers=ok).status_code == 200
+        assert client.get("/").status_code == 200 and "<html" in client.get("/").text.lower()
+
+
+def test_cors_is_closed_unless_an_origin_is_given(models):
+    origin = {"Origin": "http://example.test"}
+    with TestClient(create_app(models, log=lambda line: None)) as client:
+        assert "access-control-allow-origin" not in client.get("/v2/health/live", headers=origin).headers
+    with TestClient(create_app(models, cors_origins=["http://example.test"], log=lambda line: None)) as client:
+        assert client.get("/v2/health/live", headers=origin).headers["access-control-allow-origin"] == "http://example.test"
+        other = client.get("/v2/health/live", headers={"Origin": "http://evil.test"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_metrics_count_requests_latency_and_images(client):
+    client.post("/v2/models/plain/infer", json=infer_body(toy_images(3)))
+    client.post("/predict?model=deskewed", content=user_digit(4))
+    client.get("/v2/models/nope")
+    text = client.get("/metrics").text
+    assert 'image_logreg_requests_total{endpoint="/v2/models/{name}/infer",method="POST",status="200"} 1.0' in text
+    assert 'image_logreg_requests_total{endpoint="/v2/models/{name}",method="GET",status="404"} 1.0' in text
+    assert 'image_logreg_images_predicted_total{model="plain"} 3.0' in text
+    assert 'image_logreg_images_predicted_total{model="deskewed"} 1.0' in text
+    assert 'image_logreg_request_duration_seconds_count{endpoint="/predict"} 1.0' in text
+
+
+def test_one_access_line_per_request(client):
+    client.get("/v2/health/live")
+    client.get("/v2/models/nope?x=1")
+    assert len(client.log_lines) == 2
+    assert '"GET /v2/health/live" 200' in client.log_lines[0]
+    assert '"GET /v2/models/nope?x=1" 404' in client.log_lines[1]
+
+
+def test_openapi_documents_the_typed_endpoints(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/v2/health/live", "/v2/models/{name}/infer", "/predict", "/metrics"} <= set(schema["paths"])
+    assert "InferenceRequest" in schema["components"]["schemas"]
+    assert "RequestInput" in schema["components"]["schemas"]
+
+
+# --- loading models ---------------------------------------------------------------------------
+
+
+def test_model_names_come_from_the_spec_or_the_path(runs, tmp_path):
+    from image_logreg.errors import UsageError
+    from image_logreg.serve.registry import parse_model_spec
+
+    assert parse_model_spec(f"digits={runs / 'plain'}") == ("digits", str(runs / "plain"))
+    assert parse_model_spec(str(runs / "plain"))[0] == "plain"
+    assert parse_model_spec(str(runs / "plain" / "model.safetensors"))[0] == "model"
+    with pytest.raises(UsageError, match="two models are named 'plain'"):
+        load_models([str(runs / "plain"), f"plain={runs / 'deskewed'}"])
+
+
+def test_serve_refuses_bad_setups_with_one_line(capsys, runs, tmp_path):
+    from test_cli import assert_one_line_error
+
+    code, out, err = run_cli(capsys, "serve", runs / "plain", "--host", "0.0.0.0")
+    assert_one_line_error(code, out, err, "--token-file", "--no-auth")
+    code, out, err = run_cli(capsys, "serve", tmp_path / "missing")
+    assert_one_line_error(code, out, err, "no such checkpoint")
+    (tmp_path / "empty").write_text("\n")
+    code, out, err = run_cli(capsys, "serve", runs / "plain", "--token-file", tmp_path / "empty")
+    assert_one_line_error(code, out, err, "is empty")
