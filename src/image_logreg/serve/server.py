@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -67,6 +69,30 @@ def url_for(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn, ending with status 0 once SIGINT or SIGTERM has let requests in flight finish.
+
+        uvicorn raises the caught signal again after its graceful shutdown, which would kill
+        the process by that signal; a finished, clean stop is not a failure.
+        """
+
+        stopped_by = ""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                captured = getattr(self, "_captured_signals", [])
+                if captured:
+                    self.stopped_by = signal.Signals(captured[0]).name
+                captured.clear()
+
+    return GracefulServer
+
+
 def serve(
     specs: list[str],
     *,
@@ -107,5 +133,6 @@ def serve(
           file=out, flush=True)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=GRACEFUL_SECONDS)
-    uvicorn.Server(config).run(sockets=[sock])
-    print("server stopped", file=sys.stderr, flush=True)
+    server = _graceful_server_class()(config)
+    server.run(sockets=[sock])
+    print(f"server stopped{' by ' + server.stopped_by if server.stopped_by else ''}", file=sys.stderr, flush=True)
