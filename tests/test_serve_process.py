@@ -118,3 +118,22 @@ def test_port_in_use_is_one_line(capsys, server, runs):  # noqa: F811
     port = server.address.rsplit(":", 1)[1]
     code, out, err = run_cli(capsys, "serve", runs / "plain", "--port", port)
     assert_one_line_error(code, out, err, f"cannot listen on 127.0.0.1:{port}")
+
+
+def test_listening_socket_is_tcp_so_responses_are_not_delayed():
+    # asyncio disables Nagle's algorithm only on sockets created as IPPROTO_TCP; on others every
+    # keep-alive response would wait for the client's delayed ACK (40 ms).
+    import socket
+
+    from image_logreg.serve.server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        client = socket.create_connection(sock.getsockname()[:2], timeout=5)
+        accepted, _ = sock.accept()
+        assert accepted.proto == socket.IPPROTO_TCP
+        client.close()
+        accepted.close()
+    finally:
+        sock.close()

@@ -105,6 +105,15 @@ def read_grayscale(source: str | Path | bytes, name: str | None = None) -> np.nd
     return _decode(lambda: path, str(path))
 
 
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as the image's header states it, without decoding; None if unreadable."""
+    try:
+        with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
+            return image.size
+    except Exception:  # any unreadable header: the decoder will explain when it is asked to
+        return None
+
+
 def _decode(open_source, label: str) -> np.ndarray:
     try:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an image that
