@@ -29,7 +29,6 @@
     evidence: $("evidence"),
     evidenceClass: $("evidence-class"),
     evidenceSum: $("evidence-sum"),
-    legendFor: $("legend-for"),
     error: $("error"),
     tokenForm: $("token-form"),
     token: $("token"),
@@ -133,8 +132,8 @@
 
   function modelOption(model) {
     const dataset = model.parameters && model.parameters.dataset;
-    const option = new Option(dataset ? `${model.name} (${dataset})` : model.name, model.name);
-    return option;
+    const label = dataset && dataset !== model.name ? `${model.name} (${dataset})` : model.name;
+    return new Option(label, model.name);
   }
 
   function classesOf(model) {
@@ -307,8 +306,16 @@
   // Red pushes towards the top class, blue against it; the scale is symmetric around 0 so white
   // always means "no effect" and equal colours mean equal weight on either side.
   function drawEvidence(rows) {
-    const limit = Math.max(...rows.flat().map(Math.abs)) || 1;
+    const limit = evidenceScale(rows.flat());
     paintPixels(ui.evidence, rows, (v) => diverging(v / limit));
+  }
+
+  // Full colour at the 98th percentile of the inked pixels' |evidence|: a few extreme pixels
+  // would otherwise wash all the others out to near white.
+  function evidenceScale(values) {
+    const sizes = values.map(Math.abs).filter((v) => v > 0).sort((a, b) => a - b);
+    if (sizes.length === 0) return 1;
+    return sizes[Math.min(sizes.length - 1, Math.floor(0.98 * sizes.length))];
   }
 
   function paintPixels(canvas, rows, colour) {
@@ -344,11 +351,9 @@
     if (name === null || name === undefined) {
       ui.evidenceClass.textContent = "";
       ui.evidenceSum.textContent = "";
-      ui.legendFor.textContent = "for";
       return;
     }
     ui.evidenceClass.textContent = ` for \u201c${name}\u201d`;
-    ui.legendFor.textContent = `for \u201c${name}\u201d`;
     if (evidence && typeof bias === "number") {
       const total = evidence.flat().reduce((a, b) => a + b, 0);
       ui.evidenceSum.textContent = ` (here ${total.toFixed(1)} ${bias < 0 ? "\u2212" : "+"} ${Math.abs(bias).toFixed(1)} = ${(total + bias).toFixed(1)})`;
