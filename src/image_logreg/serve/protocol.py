@@ -157,10 +157,11 @@ def _data(data, shape: list[int], datatype: str) -> torch.Tensor:
     if array.size != int(np.prod(shape)):
         raise ProtocolError(f"'data' holds {array.size} values but shape {shape} needs {int(np.prod(shape))}")
     low, high = DATATYPES[datatype]
-    if array.size and not (np.isfinite(array).all() and array.min() >= low and array.max() <= high):
+    floats = array.dtype.kind == "f"  # integers need no check for NaN or fractions
+    if floats and not np.isfinite(array).all() or array.min() < low or array.max() > high:
         raise ProtocolError(f"{datatype} values must lie in {low}..{high}")
     if datatype == "UINT8":
-        if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+        if floats and not np.array_equal(array, np.round(array)):
             raise ProtocolError("UINT8 values must be whole numbers 0..255")
         return torch.from_numpy(array.astype(np.uint8).reshape(shape))
     return torch.from_numpy(array.astype(np.float32).reshape(shape))
