@@ -160,6 +160,10 @@ def test_truncated_dataset(capsys, toy_data, tmp_path):
         (["--batch-size", "x"], "invalid int value"),
         (["--val-fraction", "1.5"], "--val-fraction"),
         (["--train-subset", "100000"], "--train-subset"),
+        (["--train-subset", "0"], "--train-subset must be at least 1, got 0"),
+        (["--train-subset", "-5"], "--train-subset must be at least 1, got -5"),
+        (["--val-fraction", "-0.1"], "--val-fraction must be at least 0 and below 1"),
+        (["--preset", "fast"], "invalid choice"),
         (["--optimizer", "rmsprop"], "invalid choice"),
         (["--device", "tpu"], "invalid choice"),
     ],
@@ -249,3 +253,78 @@ def test_lbfgs_reports_convergence(capsys, toy_data, tmp_path):
     summary = train(capsys, toy_data, tmp_path / "run", "--optimizer", "lbfgs", "--weight-decay", "0.01", "--epochs", "20", "--tolerance", "1e-4")
     assert summary["lbfgs"]["converged"] and summary["lbfgs"]["grad_norm"] <= 1e-4 and summary["lbfgs"]["iterations"] > 0
     assert summary["epochs"] < 20  # stopped once converged
+
+
+# --- the sharp edges a new user meets ------------------------------------------------------------
+
+
+def test_run_records_the_data_dir_absolute(capsys, toy_data, tmp_path, monkeypatch):
+    """A run trained with a relative --data-dir evaluates from any folder; --data-dir and
+    $IMAGE_LOGREG_DATA still override what it recorded."""
+    monkeypatch.delenv("IMAGE_LOGREG_DATA", raising=False)
+    monkeypatch.chdir(toy_data.parent)
+    code, _, err = run_cli(capsys, "train", "--data-dir", toy_data.name, "--out", "run", *FAST)
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert os.path.isabs(config["data_dir"]) and os.path.samefile(config["data_dir"], toy_data)
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, out, err = run_cli(capsys, "evaluate", tmp_path / "run", "--json", "--no-download")
+    assert code == 0 and json.loads(out)["n"] == 200, err
+    code, out, err = run_cli(capsys, "evaluate", tmp_path / "run", "--data-dir", tmp_path / "given", "--no-download")
+    assert_one_line_error(code, out, err, str(tmp_path / "given"))
+    monkeypatch.setenv("IMAGE_LOGREG_DATA", str(tmp_path / "from-env"))
+    code, out, err = run_cli(capsys, "predict", tmp_path / "run", "--index", "0", "--no-download")
+    assert_one_line_error(code, out, err, str(tmp_path / "from-env"))
+
+
+def test_val_fraction_zero_trains_on_everything(capsys, toy_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(capsys, toy_data, out, "--val-fraction", "0")
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train_indices"]) == 600 and split["val_indices"] == []
+    assert summary["train_accuracy"] > 0.9 and "val_accuracy" not in summary
+    assert all(not any(k.startswith("val_") for k in h) for h in summary["history"])
+    assert (out / "history.csv").read_text().splitlines()[0] == "epoch,train_loss,train_accuracy,lr,seconds"
+    assert (out / "curves.png").is_file()
+
+    code, stdout, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", out, *FAST, "--val-fraction", "0", "--overwrite")
+    assert code == 0 and stdout.startswith("train accuracy ") and "no validation set" in stdout, err
+    code, stdout, err = run_cli(capsys, "evaluate", out, "--split", "val")
+    assert_one_line_error(code, stdout, err, "no validation split", "--val-fraction 0", "--split test")
+    code, stdout, err = run_cli(capsys, "evaluate", out, "--json")
+    assert code == 0 and json.loads(stdout)["n"] == 200
+    code, stdout, err = run_cli(capsys, "runs", tmp_path, "--sort", "val_accuracy")
+    assert code == 0 and stdout.splitlines()[1].split()[:2] == ["run", "mnist"], err
+    code, stdout, err = run_cli(capsys, "report", out, "--json", "--no-download")
+    assert code == 0, err
+
+
+def test_preset_tutorial_and_the_flags_that_override_it(capsys, toy_data, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", tmp_path / "run", "--no-download", "--preset", "tutorial")
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    tutorial = {"optimizer": "sgd", "lr": 0.001, "batch_size": 100, "schedule": "constant", "val_fraction": 0.2, "epochs": 5}
+    assert {k: config[k] for k in tutorial} == tutorial and config["momentum"] == 0
+    assert "(sgd, constant lr 0.001, batch 100, 5 epochs, " in err.splitlines()[0]  # the schedule is named
+
+    summary = train(capsys, toy_data, tmp_path / "run2", "--preset", "tutorial", "--lr", "0.01", "--val-fraction", "0.5")
+    config = json.loads((tmp_path / "run2" / "config.json").read_text())
+    assert config["lr"] == 0.01 and config["val_fraction"] == 0.5 and config["epochs"] == 3  # FAST's --epochs 3
+    assert config["optimizer"] == "sgd" and config["schedule"] == "constant" and summary["history"][-1]["lr"] == 0.01
+
+
+def test_training_line_names_the_default_schedule(capsys, toy_data, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", tmp_path / "run", "--no-download", "--epochs", "1")
+    assert code == 0 and "(adam, lr 0.01 with cosine decay, batch 128, 1 epochs, " in err.splitlines()[0], err
+
+
+def test_evaluate_calls_the_per_class_column_recall(capsys, toy_data, tmp_path):
+    train(capsys, toy_data, tmp_path / "run")
+    code, stdout, _ = run_cli(capsys, "evaluate", tmp_path / "run")
+    head = next(line for line in stdout.splitlines() if line.startswith("class"))
+    assert code == 0 and head.split() == ["class", "recall", "precision", "f1"]
+    code, stdout, _ = run_cli(capsys, "evaluate", tmp_path / "run", "--json")
+    result = json.loads(stdout)
+    assert result["recall"] == result["per_class"]  # per_class kept for readers of older output

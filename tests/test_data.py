@@ -83,10 +83,26 @@ def test_split_is_seeded_disjoint_and_complete():
     assert a_val.max() > 900 and a_val.min() < 100
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5])
+@pytest.mark.parametrize("fraction", [1.0, -0.1, 1.5, float("nan"), 0.001])
 def test_split_rejects_bad_fractions(fraction):
     with pytest.raises(UsageError):
         split_indices(100, fraction)
+
+
+def test_split_without_validation_keeps_everything_for_training():
+    train, val = split_indices(100, 0.0, seed=0)
+    assert len(val) == 0 and sorted(train.tolist()) == list(range(100))
+
+
+def test_dataset_names_and_classes_match_torchvision():
+    """Kept as plain data so that naming a dataset imports nothing; they must stay torchvision's."""
+    from torchvision.datasets import mnist
+
+    from image_logreg.data import dataset_class
+    from image_logreg.settings import CLASSES, DATASETS
+
+    for name, folder in DATASETS.items():
+        assert dataset_class(name) is getattr(mnist, folder) and CLASSES[name] == list(getattr(mnist, folder).classes)
 
 
 def test_subset_is_a_seeded_subset():

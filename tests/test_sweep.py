@@ -106,6 +106,8 @@ def test_failed_configs_are_recorded_and_the_rest_go_on(capsys, toy_data, tmp_pa
         (["--lr", "0.01,,0.1"], "empty value"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--val-fraction", "0.2,1"], "--val-fraction"),
+        (["--val-fraction", "0,0.2"], "compares configurations by validation accuracy"),
+        (["--preset", "fast"], "invalid choice"),
     ],
 )
 def test_bad_values_are_one_line_errors(capsys, toy_data, tmp_path, flags, fragment):
@@ -114,6 +116,17 @@ def test_bad_values_are_one_line_errors(capsys, toy_data, tmp_path, flags, fragm
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("image-logreg: error: ") and fragment in lines[0], err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_preset_tutorial_is_the_base_the_grid_varies(capsys, toy_data, tmp_path):
+    out = tmp_path / "sweep"
+    code, result, err = sweep(capsys, toy_data, out, "--preset", "tutorial", "--lr", "0.001,0.01")
+    assert code == 0 and result["trained"] == 2, err
+    configs = [json.loads((out / r["run_dir"] / "config.json").read_text()) for r in result["configs"]]
+    assert [c["lr"] for c in configs] == [0.001, 0.01]
+    for c in configs:
+        assert (c["optimizer"], c["batch_size"], c["schedule"], c["val_fraction"]) == ("sgd", 100, "constant", 0.2)
+        assert c["epochs"] == 1  # FAST's --epochs 1 overrides the preset's 5
 
 
 def test_resume_refuses_runs_trained_differently_and_foreign_folders(capsys, toy_data, tmp_path):

@@ -14,13 +14,33 @@ The workflow, as functions::
 
 __version__ = "0.1.0"
 
-from .checkpoint import load_model, save_model  # noqa: E402
-from .data import ImageSet, load_split, split_indices, subset_indices, to_float  # noqa: E402
 from .errors import ImageLogregError  # noqa: E402
-from .metrics import evaluate  # noqa: E402
-from .model import LogisticRegression  # noqa: E402
-from .run import train_run  # noqa: E402
-from .train import TrainConfig, fit  # noqa: E402
+
+# The rest imports torch (seconds): each name is imported on first use, so that the command
+# line, which imports this package, starts at once and loads only what a command needs.
+_LAZY = {
+    "load_model": "checkpoint", "save_model": "checkpoint",
+    "ImageSet": "data", "load_split": "data", "split_indices": "data", "subset_indices": "data", "to_float": "data",
+    "evaluate": "metrics",
+    "LogisticRegression": "model",
+    "train_run": "run",
+    "TrainConfig": "settings",
+    "fit": "train",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
 
 __all__ = [
     "ImageLogregError",

@@ -54,8 +54,9 @@ def emit_json(data) -> None:
 
 def cmd_train(args) -> int:
     from .run import train_run
+    from .settings import preset
 
-    config = {
+    given = {
         "dataset": args.dataset,
         "data_dir": args.data_dir,
         "val_fraction": args.val_fraction,
@@ -73,6 +74,7 @@ def cmd_train(args) -> int:
         "seed": args.seed,
         "deskew": args.deskew,
     }
+    config = preset(args.preset, given)  # flags left out (None) come from the preset, else the defaults
     summary = train_run(
         config, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log,
         tensorboard=args.tensorboard,
@@ -87,10 +89,11 @@ def cmd_train(args) -> int:
     if args.json:
         emit_json(summary)
     else:
-        print(
-            f"val accuracy {summary['val_accuracy']:.4f}, val loss {summary['val_loss']:.4f} after "
-            f"{summary['epochs']} epochs ({summary['seconds']:.2f}s); run saved to {summary['run_dir']}"
-        )
+        if "val_accuracy" in summary:
+            metrics = f"val accuracy {summary['val_accuracy']:.4f}, val loss {summary['val_loss']:.4f}"
+        else:  # --val-fraction 0: the training figures are all there is
+            metrics = f"train accuracy {summary['train_accuracy']:.4f}, train loss {summary['train_loss']:.4f} (no validation set)"
+        print(f"{metrics} after {summary['epochs']} epochs ({summary['seconds']:.2f}s); run saved to {summary['run_dir']}")
         if "report" in summary:
             print(f"report written to {summary['report']}")
     return 0
@@ -114,10 +117,10 @@ def cmd_evaluate(args) -> int:
 def print_evaluation(result: dict, classes: list[str]) -> None:
     print(f"{result['dataset']} {result['split']}: {result['n']} images, loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}")
     width = max(len(c) for c in classes)
-    print(f"\n{'class':<{width}}  accuracy  precision  f1")
+    print(f"\n{'class':<{width}}    recall  precision        f1")
     for c in classes:
-        fmt = lambda v: "   -    " if v is None else f"{v:8.4f}"
-        print(f"{c:<{width}}  {fmt(result['per_class'][c])}  {fmt(result['precision'][c])}  {fmt(result['f1'][c])}")
+        fmt = lambda v: "       -" if v is None else f"{v:8.4f}"
+        print(f"{c:<{width}}  {fmt(result['recall'][c])}   {fmt(result['precision'][c])}  {fmt(result['f1'][c])}")
     print("\nconfusion matrix (rows: true class, columns: predicted)")
     for i, row in enumerate(result["confusion"]):
         print(f"{i:>3} " + " ".join(f"{v:5d}" for v in row))
@@ -227,11 +230,17 @@ def cmd_show(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .settings import TrainConfig, preset
     from .sweep import SWEEP_SETTINGS, grid_from_flags, print_summary, run_sweep
 
-    grid = grid_from_flags({name: getattr(args, name) for name in SWEEP_SETTINGS})
+    given = {name: getattr(args, name) for name in SWEEP_SETTINGS}
+    grid = grid_from_flags(given)
+    # a preset sets what the flags leave out: one value on the grid, or a setting shared by all runs
+    chosen = preset(args.preset, {"epochs": args.epochs})
+    grid.update({name: [chosen[name]] for name in SWEEP_SETTINGS if name in chosen and given[name] is None})
+    shared = {k: v for k, v in chosen.items() if k not in SWEEP_SETTINGS}
     fixed = {"dataset": args.dataset, "data_dir": args.data_dir, "download": not args.no_download,
-             "device": args.device, "epochs": args.epochs, "seed": args.seed, "deskew": args.deskew}
+             "device": args.device, "epochs": TrainConfig().epochs, "seed": args.seed, "deskew": args.deskew, **shared}
     result = run_sweep(grid, fixed, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log)
     if args.json:
         emit_json(result)
@@ -262,13 +271,38 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .checkpoint import load_model, resolve_checkpoint
+    from .export import FORMATS, export_model
+    from .files import refuse_existing
+
+    if args.format not in FORMATS:  # before loading anything
+        raise UsageError(f"unknown export format {args.format!r}; choose from {', '.join(FORMATS)}")
+    out = refuse_existing(args.out, args.overwrite, "--out file")
+    checkpoint = resolve_checkpoint(args.model)
+    model, meta = load_model(checkpoint, dataset=args.dataset)
+    path = export_model(model, meta, out, args.format)
+    shape = ["batch", *model.input_shape]
+    result = {"model": str(checkpoint), "format": args.format, "out": str(path), "dataset": meta["dataset"],
+              "input": {"name": "input", "dtype": "uint8", "shape": shape},
+              "output": {"name": "probabilities", "shape": ["batch", model.num_classes]},
+              "deskew": bool((meta.get("preprocessing") or {}).get("deskew"))}
+    if args.json:
+        emit_json(result)
+    else:
+        steps = "deskew, x / 255" if result["deskew"] else "x / 255"
+        dims = ", ".join(map(str, shape))
+        print(f"wrote {path}: uint8 input [{dims}] -> {steps} -> probabilities [batch, {model.num_classes}] ({meta['dataset']})")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve import serve
 
     serve(
         args.models, host=args.host, port=args.port, token_file=args.token_file, no_auth=args.no_auth,
         cors_origins=args.cors_origin, max_body=args.max_body, max_images=args.max_images,
-        dataset=args.dataset, device=args.device,
+        dataset=args.dataset, device=args.device, http=args.http,
     )
     return 0
 
@@ -287,9 +321,8 @@ def open_model(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASETS
-    from .run import default_data_dir
-    from .train import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig
+    # plain data only: building the parser must not import torch (--version, --help answer at once)
+    from .settings import DATA_DEFAULTS, DATASETS, DEFAULT_LR, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig, default_data_dir
 
     defaults = TrainConfig()
     parser = Parser(prog="image-logreg", description="Image classification with logistic regression in PyTorch.")
@@ -299,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     def data_flags(p, for_model=False):
         if for_model:
             dataset_help = "dataset the model was trained on (default: from the checkpoint; mnist for a state_dict)"
-            dir_help = "folder holding MNIST/raw/ or FashionMNIST/raw/ (default: the run's own, else ./data)"
+            dir_help = "folder holding MNIST/raw/ or FashionMNIST/raw/ (default: $IMAGE_LOGREG_DATA if set, else the run's own, else ./data)"
         else:
             dataset_help = "dataset (default: %(default)s)"
             dir_help = "folder holding MNIST/raw/ or FashionMNIST/raw/ (default: ./data, or $IMAGE_LOGREG_DATA)"
@@ -309,24 +342,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_flags(p):
         """What train and sweep share: how long, from which seed, on what inputs and device."""
-        p.add_argument("--epochs", type=int, default=defaults.epochs, help="(default: %(default)s)")
+        p.add_argument("--epochs", type=int, default=None, help=f"(default: {defaults.epochs})")
         p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
         p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
 
+    tutorial = PRESETS["tutorial"]
+    preset_help = (
+        f"tutorial: the tutorial's exact run ({tutorial['optimizer']}, constant lr {tutorial['lr']}, batch "
+        f"{tutorial['batch_size']}, {tutorial['val_fraction'] * 100:.0f}%% validation, {tutorial['epochs']} epochs); flags given override it"
+    )
+
+    # Settings a preset may set default to None here; the defaults named in their help fill the rest.
     p = sub.add_parser("train", help="train a model and save a run directory")
     data_flags(p)
-    p.add_argument("--val-fraction", type=float, default=0.2, help="fraction held out for validation (default: %(default)s)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help=preset_help)
+    p.add_argument(
+        "--val-fraction", type=float, default=None,
+        help=f"fraction held out for validation; 0 trains on the whole training split (default: {DATA_DEFAULTS['val_fraction']})",
+    )
     p.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on a random N of the training split")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer, help="(default: %(default)s)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"(default: {defaults.optimizer})")
     p.add_argument(
         "--lr", type=float, default=None,
         help="learning rate (default: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_LR.items()) + ")",
     )
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(default: %(default)s)")
-    p.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="L2 penalty (default: %(default)s)")
-    p.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="learning-rate schedule (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"(default: {defaults.batch_size})")
+    p.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default: {defaults.momentum})")
+    p.add_argument("--weight-decay", type=float, default=None, help=f"L2 penalty (default: {defaults.weight_decay})")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None, help=f"learning-rate schedule (default: {defaults.schedule})")
     p.add_argument(
         "--tolerance", type=float, default=defaults.tolerance,
         help="L-BFGS stops once no gradient entry exceeds this (default: %(default)s)",
@@ -349,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
         p.add_argument("--json", action="store_true", help="print one JSON document with the results")
 
-    p = sub.add_parser("evaluate", help="loss, accuracy, per-class accuracy and confusion matrix")
+    p = sub.add_parser("evaluate", help="loss, accuracy, per-class recall, precision and F1, confusion matrix")
     model_flags(p)
     p.add_argument("--split", choices=["test", "val"], default="test", help="(default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
@@ -377,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train a grid of settings, compare them by validation accuracy (resumable)")
     data_flags(p)
+    p.add_argument("--preset", choices=list(PRESETS), default=None, help=preset_help + " (the grid varies the flags given)")
     for name, example, default in (
         ("lr", "0.001,0.01", "per optimizer" if defaults.lr is None else defaults.lr),
         ("batch_size", "100,256", defaults.batch_size), ("val_fraction", "0.1,0.2", 0.2), ("train_subset", "1000,all", "all"),
@@ -399,10 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write report.html into a run directory: curves, weights, errors, calibration")
     p.add_argument("run", metavar="RUN", help="run directory made by `image-logreg train`")
-    p.add_argument("--data-dir", default=None, help="folder holding MNIST/raw/ or FashionMNIST/raw/ (default: the run's own)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding MNIST/raw/ or FashionMNIST/raw/ (default: $IMAGE_LOGREG_DATA if set, else the run's own)")
     p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
     p.add_argument("--json", action="store_true", help="print one JSON document: report path, test accuracy, ECE")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write the model as ONNX or TorchScript, preprocessing included, to use without image-logreg")
+    p.add_argument("model", metavar="MODEL", help="run directory, .safetensors checkpoint or tutorial state_dict (.pth)")
+    p.add_argument("--format", default="onnx", help="onnx or torchscript (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="FILE", help="file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--dataset", choices=list(DATASETS), default=None,
+                   help="dataset the model was trained on (default: from the checkpoint; mnist for a state_dict)")
+    p.add_argument("--json", action="store_true", help="print one JSON document describing the exported file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve models over HTTP: the Open Inference Protocol, image files and a page")
     p.add_argument("models", nargs="+", metavar="MODEL",
@@ -417,5 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None, metavar="N", help="most images per request (default: 1024)")
     p.add_argument("--dataset", choices=list(DATASETS), default=None, help="what a tutorial state_dict was trained on")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
+                   help="HTTP/1.1 parser (default: %(default)s, httptools where installed)")
     p.set_defaults(func=cmd_serve)
     return parser

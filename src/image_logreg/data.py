@@ -2,23 +2,24 @@
 
 Each split is read once into a uint8 tensor (N x H x W) and scaled to [0, 1] floats on the
 chosen device, exactly as torchvision's ``ToTensor`` would, so batches are plain tensor slices.
+torchvision is imported only to read or fetch the files: its import alone takes seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision import datasets
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from .errors import DataError, UsageError
+from .settings import CLASSES, DATASETS, dataset_folder
 
-DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
 SPLITS = ("train", "test")
 
 
@@ -41,14 +42,15 @@ class ImageSet:
 
 
 def dataset_class(name: str):
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}") from None
+    """torchvision's dataset class for ``name`` (imports torchvision)."""
+    folder = dataset_folder(name)
+    from torchvision.datasets import mnist
+
+    return getattr(mnist, folder)
 
 
 def raw_folder(name: str, data_dir: str | os.PathLike) -> Path:
-    return Path(data_dir) / dataset_class(name).__name__ / "raw"
+    return Path(data_dir) / dataset_folder(name) / "raw"
 
 
 def expected_files(name: str, split: str) -> tuple[str, str]:
@@ -69,9 +71,11 @@ def load_split(
     if missing:
         _fetch(name, data_dir, split, folder, missing, download)
 
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
     images = _read_idx(read_image_file, image_file, "image")
     labels = _read_idx(read_label_file, label_file, "label").long()
-    classes = list(dataset_class(name).classes)
+    classes = list(CLASSES[name])
     if images.ndim != 3 or len(images) != len(labels):
         raise DataError(
             f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels; "
@@ -99,10 +103,41 @@ def _fetch(name, data_dir, split, folder, missing, download):
 
 
 def _read_idx(reader, path: Path, kind: str) -> torch.Tensor:
+    _check_idx_header(path, kind)
     try:
         return reader(str(path))
     except Exception as exc:  # torchvision signals bad headers and short files in several ways
         raise DataError(f"{path} is not a valid IDX {kind} file (corrupt or truncated: {exc.__class__.__name__})") from None
+
+
+# Dimensions of each IDX file: N x H x W images, N labels.
+_IDX_DIMS = {"image": 3, "label": 1}
+
+
+def _check_idx_header(path: Path, kind: str) -> None:
+    """Refuse a file whose header does not describe exactly the bytes it holds, before reading it.
+
+    An IDX header is two zero bytes, a type code (0x08: unsigned bytes, all MNIST uses), the
+    number of dimensions, then each as a big-endian uint32. A corrupt or hostile header can
+    claim terabytes; held against the file's length first, it never sizes an allocation.
+    """
+    ndim = _IDX_DIMS[kind]
+    header_size = 4 + 4 * ndim
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(header_size)
+    except OSError as exc:
+        raise DataError(f"{path} cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+    invalid = f"{path} is not a valid IDX {kind} file (corrupt or truncated:"
+    if len(head) < header_size:
+        raise DataError(f"{invalid} {size} bytes, shorter than its {header_size}-byte header)")
+    if head[:4] != bytes([0, 0, 0x08, ndim]):
+        raise DataError(f"{invalid} magic number {head[:4].hex()}, expected {bytes([0, 0, 0x08, ndim]).hex()})")
+    dims = struct.unpack(f">{ndim}I", head[4:])
+    expected = header_size + math.prod(dims)
+    if size != expected:
+        raise DataError(f"{invalid} its header says {' x '.join(map(str, dims))}, {expected} bytes in all, but it has {size})")
 
 
 def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -133,14 +168,22 @@ def prepare_inputs(images: torch.Tensor, preprocessing: dict | None, device: tor
 
 
 def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle 0..n-1 with ``seed`` and cut off ``val_fraction`` of it as the validation set."""
-    if not 0.0 < val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    """Shuffle 0..n-1 with ``seed`` and cut off ``val_fraction`` of it as the validation set.
+
+    ``val_fraction`` 0 keeps everything for training (the last fit, once settings are chosen):
+    the validation set is empty.
+    """
+    check_val_fraction(val_fraction)
     n_val = int(round(n * val_fraction))
-    if n_val == 0 or n_val == n:
+    if (n_val == 0 and val_fraction > 0) or n_val == n:
         raise UsageError(f"--val-fraction {val_fraction} leaves an empty train or validation set of {n} samples")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[n_val:], perm[:n_val]
+
+
+def check_val_fraction(val_fraction: float) -> None:
+    if not 0.0 <= val_fraction < 1.0:  # also refuses NaN
+        raise UsageError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
 
 
 def subset_indices(indices: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:

@@ -31,8 +31,9 @@ DESKEW = {
     "padding": "zeros",
 }
 
-# Images per grid_sample call: bounds the temporary grid (N*H*W*2 floats).
-CHUNK = 8192
+# Images per grid_sample call: bounds the temporary grid (N*H*W*2 floats). Small enough
+# that the temporaries stay in cache, which is several times faster than larger chunks.
+CHUNK = 512
 
 
 def deskew(images: torch.Tensor) -> torch.Tensor:
@@ -44,18 +45,27 @@ def deskew(images: torch.Tensor) -> torch.Tensor:
     if images.dim() not in (2, 3):
         raise ValueError(f"expected H x W or N x H x W images, got shape {tuple(images.shape)}")
     batch = images.unsqueeze(0) if images.dim() == 2 else images
-    work_dtype = images.dtype if images.dtype == torch.float64 else torch.float32
+    # uint8 results are rounded to whole pixel values, so a last-bit difference in the
+    # interpolation can move a pixel by one; in float64 no such difference survives between
+    # this and an exported graph's sampler (onnxruntime's), so both round alike.
+    work_dtype = torch.float32 if images.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
     out = torch.empty(batch.shape, dtype=work_dtype, device=images.device)
     for start in range(0, batch.shape[0], CHUNK):
         chunk = batch[start : start + CHUNK].to(work_dtype)
-        out[start : start + CHUNK] = _deskew_chunk(chunk)
+        out[start : start + CHUNK] = deskew_float(chunk)
     if images.dtype == torch.uint8:
         out = out.round_().clamp_(0, 255)
     return out.to(images.dtype).reshape(images.shape)
 
 
-def _deskew_chunk(img: torch.Tensor) -> torch.Tensor:
-    n, h, w = img.shape
+def deskew_float(img: torch.Tensor) -> torch.Tensor:
+    """Deskew a floating N x H x W batch (no rounding): the map itself, in tensor operations only.
+
+    The exported ONNX and TorchScript graphs trace this same function, so an exported model
+    deskews exactly as training did. Only H and W become constants; N stays free.
+    """
+    # Plain ints: a tracer would otherwise carry H and W as float32 scalars into the map.
+    h, w = (int(d) for d in img.shape[-2:])
     c_y, c_x = (h - 1) / 2, (w - 1) / 2
     xs = torch.arange(w, dtype=img.dtype, device=img.device)
 
@@ -88,13 +98,24 @@ def _deskew_chunk(img: torch.Tensor) -> torch.Tensor:
     # several times slower on CPU for small images.
     sx, sy = max(w - 1, 1), max(h - 1, 1)
     alpha, mu_x, mu_y = alpha.to(img.dtype), mu_x.to(img.dtype), mu_y.to(img.dtype)
-    u = torch.linspace(-1, 1, w, dtype=img.dtype, device=img.device).view(1, 1, w)
-    v = torch.linspace(-1, 1, h, dtype=img.dtype, device=img.device).view(1, h, 1)
-    shear = (alpha * sy / sx).view(n, 1, 1)
-    shift_u = (2 * (mu_x - c_x) / sx).view(n, 1, 1)
-    shift_v = (2 * (mu_y - c_y) / sy).view(n, 1, 1)
-    grid = torch.empty(n, h, w, 2, dtype=img.dtype, device=img.device)
-    torch.add(u + shift_u, shear * v, out=grid[..., 0])  # source column
-    grid[..., 1] = v + shift_v  # source row
+    u = _unit_coordinates(w, img).view(1, 1, w)
+    v = _unit_coordinates(h, img).view(1, h, 1)
+    shear = (alpha * sy / sx)[:, None, None]
+    shift_u = (2 * (mu_x - c_x) / sx)[:, None, None]
+    shift_v = (2 * (mu_y - c_y) / sy)[:, None, None]
+    column = (u + shift_u) + shear * v
+    row = (v + shift_v).expand(-1, h, w)
+    grid = torch.stack((column, row), dim=-1)
     out = F.grid_sample(img.unsqueeze(1), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.squeeze(1)
+
+
+def _unit_coordinates(size: int, like: torch.Tensor) -> torch.Tensor:
+    """-1 .. 1 in ``size`` steps: pixel centres in grid_sample's align_corners=True coordinates.
+
+    Spelled as i * step - 1 rather than linspace, which ONNX has no operator for: an exporter
+    rewrites linspace as this very formula, and the last bit of a coordinate decides how a
+    pixel rounds, so training and the exported graph must compute it the same way.
+    """
+    step = torch.tensor(2.0 / max(size - 1, 1), dtype=like.dtype, device=like.device)
+    return torch.arange(size, dtype=like.dtype, device=like.device) * step - 1

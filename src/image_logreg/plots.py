@@ -36,12 +36,14 @@ def weight_templates(model):
 
 
 def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Accuracy and loss per epoch, training and validation side by side."""
+    """Accuracy and loss per epoch, training and validation (when there was one) side by side."""
     epochs = [h["epoch"] for h in history]
+    validated = all("val_loss" in h for h in history)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Cross-entropy loss")):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="training")
-        ax.plot(epochs, [h[f"val_{metric}"] for h in history], "s-", label="validation")
+        if validated:
+            ax.plot(epochs, [h[f"val_{metric}"] for h in history], "s-", label="validation")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(f"{label} vs. epochs")

@@ -117,8 +117,10 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 def _decode(open_source, label: str) -> np.ndarray:
     try:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an image that
-        # big from a user is an attack or a mistake either way.
+        # big from a user is an attack or a mistake either way. Its other warnings (corrupt
+        # EXIF, odd TIFF tags) are about files it still reads: noise beside a prediction.
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(open_source(), formats=_FORMATS) as image:
                 image.load()  # decode now, so a truncated file fails here and not later

@@ -306,7 +306,7 @@ def _render_page(run, meta, config, history, split, result, cm, cal, figures) ->
     headline = [
         ("test accuracy", f"{result['accuracy']:.4f}"),
         ("test loss (NLL)", f"{result['loss']:.4f}"),
-        ("validation accuracy", f"{final['val_accuracy']:.4f}"),
+        ("validation accuracy", _metric(final, "val_accuracy")),
         ("ECE (test)", f"{cal['ece']:.4f}"),
     ]
     parts = [
@@ -368,10 +368,15 @@ def _metrics_table(final: dict, split: dict | None, result: dict) -> str:
     sizes = (len(split["train_indices"]), len(split["val_indices"])) if split else ("?", "?")
     rows = [
         ("training (last epoch)", sizes[0], f"{final['train_loss']:.4f}", f"{final['train_accuracy']:.4f}"),
-        ("validation (last epoch)", sizes[1], f"{final['val_loss']:.4f}", f"{final['val_accuracy']:.4f}"),
+        ("validation (last epoch)", sizes[1], _metric(final, "val_loss"), _metric(final, "val_accuracy")),
         ("test (computed now)", result["n"], f"{result['loss']:.4f}", f"{result['accuracy']:.4f}"),
     ]
     return _table(["split", "images", "loss", "accuracy"], rows, numeric={1, 2, 3})
+
+
+def _metric(record: dict, key: str) -> str:
+    """A history figure, or a dash where the run had none (no validation set: --val-fraction 0)."""
+    return f"{record[key]:.4f}" if record.get(key) is not None else "—"
 
 
 def _class_table(cm: torch.Tensor, classes: list[str]) -> str:

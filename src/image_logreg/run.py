@@ -18,23 +18,15 @@ import torch
 
 from . import __version__
 from .checkpoint import CHECKPOINT_NAME, save_model
-from .data import ImageSet, load_split, prepare_inputs, preprocessing_for, split_indices, subset_indices
+from .data import ImageSet, check_val_fraction, load_split, prepare_inputs, preprocessing_for, split_indices, subset_indices
 from .errors import UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
 from .metrics import evaluate
 from .model import LogisticRegression
-from .plots import plot_curves
+from .settings import DATA_DEFAULTS, default_data_dir
 from .train import TrainConfig, fit, resolve_device
 
-DATA_DEFAULTS = {
-    "dataset": "mnist",
-    "data_dir": "data",
-    "val_fraction": 0.2,
-    "train_subset": None,
-    "device": "auto",
-    "download": True,
-    "deskew": False,
-}
+FINAL_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # a run's last epoch, in summaries
 
 
 def default_config(**overrides) -> dict:
@@ -47,10 +39,18 @@ def default_config(**overrides) -> dict:
     return config
 
 
+def check_data_config(config: dict) -> None:
+    """Refuse a validation fraction or training subset no dataset could satisfy, before any work."""
+    check_val_fraction(config["val_fraction"])
+    subset = config.get("train_subset")
+    if subset is not None and subset < 1:  # 0 must not quietly mean "all"
+        raise UsageError(f"--train-subset must be at least 1, got {subset}")
+
+
 def split_for(config: dict, n: int) -> dict:
     """The seeded train/validation split (and optional training subset) as plain lists."""
     train_idx, val_idx = split_indices(n, config["val_fraction"], config["seed"])
-    if config.get("train_subset"):
+    if config.get("train_subset") is not None:
         train_idx = subset_indices(train_idx, int(config["train_subset"]), config["seed"])
     return {
         "n": n,
@@ -72,7 +72,10 @@ def train_run(
     """
     config = default_config(**config)
     cfg = TrainConfig.from_dict(config).check()
+    check_data_config(config)
     config.update(cfg.to_dict())  # record resolved defaults such as the optimizer's lr
+    # absolute, so that evaluate, predict and report find the data from any folder
+    config["data_dir"] = os.path.abspath(config["data_dir"])
     device = resolve_device(config["device"])
     out = Path(out) if out else default_run_dir("runs", config["dataset"])
     log = log or (lambda msg: None)
@@ -87,25 +90,21 @@ def train_run(
         preprocessing = preprocessing_for(config["deskew"])
         x = prepare_inputs(data.images, preprocessing, device)
         y = data.labels.to(device)
-        train_idx = torch.tensor(split["train_indices"], device=device)
-        val_idx = torch.tensor(split["val_indices"], device=device)
+        train_idx = torch.tensor(split["train_indices"], dtype=torch.long, device=device)
+        val_idx = torch.tensor(split["val_indices"], dtype=torch.long, device=device)  # may be empty: --val-fraction 0
 
         torch.manual_seed(cfg.seed)
         model = LogisticRegression(data.input_shape, len(data.classes)).to(device)
-        log(
-            f"training on {len(train_idx)} {config['dataset']} images, validating on {len(val_idx)} "
-            f"({cfg.optimizer}, lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, {device})"
-        )
+        validating = f"validating on {len(val_idx)}" if len(val_idx) else "no validation set"
+        log(f"training on {len(train_idx)} {config['dataset']} images, {validating} ({cfg.describe()}, {cfg.epochs} epochs, {device})")
 
         board = None
         if tensorboard:  # inside the staging dir by default, so the events move with the run
             board = TensorBoardLogger(stage / "tensorboard" if tensorboard is True else Path(tensorboard) / out.name)
 
         def report(h):
-            log(
-                f"epoch {h['epoch']:>3}/{cfg.epochs}  train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f}  "
-                f"val loss {h['val_loss']:.4f} acc {h['val_accuracy']:.4f}  {h['seconds']:.2f}s"
-            )
+            val = f"val loss {h['val_loss']:.4f} acc {h['val_accuracy']:.4f}  " if "val_loss" in h else ""
+            log(f"epoch {h['epoch']:>3}/{cfg.epochs}  train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f}  {val}{h['seconds']:.2f}s")
             if board:
                 board.on_epoch(h)
 
@@ -129,11 +128,13 @@ def train_run(
             "classes": data.classes,
             "preprocessing": preprocessing,
             "config": {k: config[k] for k in config if k != "data_dir"},
-            "metrics": {k: final[k] for k in ("train_loss", "train_accuracy", "val_loss", "val_accuracy")},
+            "metrics": {k: final[k] for k in FINAL_METRICS if k in final},
             "epochs": len(history),
             "created": record["created"],
         }
         save_model(stage / CHECKPOINT_NAME, model, metadata)
+        from .plots import plot_curves  # matplotlib: only where a figure is drawn
+
         plot_curves(history, stage / "curves.png", title=f"{config['dataset']} — logistic regression")
         if board:
             board.finish(model, data.classes, step=len(history))  # closes the event files before the rename
@@ -142,8 +143,7 @@ def train_run(
         "run_dir": str(out),
         "epochs": len(history),
         "seconds": seconds,
-        "val_accuracy": final["val_accuracy"],
-        "val_loss": final["val_loss"],
+        **{k: final[k] for k in FINAL_METRICS if k in final},  # no val_* without a validation set
         "history": history,
     }
     if "converged" in final:  # L-BFGS says whether it reached the optimum
@@ -164,9 +164,12 @@ def _environment() -> dict:
 
 
 def data_dir_for(checkpoint: Path, data_dir=None) -> str:
-    """``data_dir`` if given, else where the checkpoint's run found its data, else the default."""
+    """The data folder for a checkpoint: ``data_dir`` if given, else ``$IMAGE_LOGREG_DATA`` if
+    set, else where the checkpoint's run found its data, else ``./data``.
+    """
+    data_dir = data_dir or os.environ.get("IMAGE_LOGREG_DATA")
     config_file = Path(checkpoint).parent / "config.json"
-    if data_dir is None and config_file.is_file():
+    if not data_dir and config_file.is_file():
         data_dir = read_json(config_file).get("data_dir")
     return data_dir or default_data_dir()
 
@@ -186,12 +189,11 @@ def eval_data(meta: dict, split: str, data_dir, checkpoint: Path, download: bool
     split_file = checkpoint.parent / "split.json"
     if not split_file.is_file():
         raise UsageError(f"--split val needs the run's split.json beside {checkpoint.name}; none in {checkpoint.parent}")
-    indices = torch.tensor(read_json(split_file)["val_indices"])
+    indices = torch.tensor(read_json(split_file)["val_indices"], dtype=torch.long)
+    if not len(indices):
+        raise UsageError(f"{checkpoint.parent} has no validation split: it was trained with --val-fraction 0; use --split test")
     data = load_split(meta["dataset"], data_dir, "train", download=download)
     if len(indices) and int(indices.max()) >= len(data):
         raise UsageError(f"{split_file} does not match the {meta['dataset']} training set in {data_dir}")
     return ImageSet(data.images[indices], data.labels[indices], data.classes, data.dataset, "val")
 
-
-def default_data_dir() -> str:
-    return os.environ.get("IMAGE_LOGREG_DATA", DATA_DEFAULTS["data_dir"])

@@ -36,7 +36,7 @@ ALL = "all"
 def parse_values(name: str, text: str | None) -> list:
     """``"0.001,0.01"`` to ``[0.001, 0.01]`` for setting ``name``; ``None`` means its default only."""
     from .run import default_config
-    from .train import OPTIMIZERS
+    from .settings import OPTIMIZERS
 
     flag = "--" + name.replace("_", "-")
     if text is None:
@@ -113,6 +113,9 @@ def check_config(config: dict) -> None:
     from .train import TrainConfig
 
     TrainConfig.from_dict(config).check()
+    if config["val_fraction"] == 0:  # the whole sweep is a comparison on the validation set
+        raise UsageError("a sweep compares configurations by validation accuracy, so --val-fraction must be above 0; "
+                         "train the chosen settings on all the data with `train --val-fraction 0`")
     if not 0.0 < config["val_fraction"] < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}")
     if config["train_subset"] is not None and config["train_subset"] < 1:

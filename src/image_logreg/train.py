@@ -11,60 +11,15 @@ import contextlib
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .errors import DivergedError, UsageError
 from .metrics import loss_and_accuracy
+from .settings import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401  (importable from here too)
 
-OPTIMIZERS = ("sgd", "adam", "lbfgs")
-DEFAULT_LR = {"adam": 0.01, "sgd": 0.1, "lbfgs": 1.0}  # each tuned on MNIST and Fashion-MNIST
-SCHEDULES = ("constant", "cosine")
 SMALL_STEP = 1 << 20  # input elements per step below which one CPU thread is faster than several
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides how the weights are fitted. Defaults are the tuned ones."""
-
-    optimizer: str = "adam"
-    lr: float | None = None  # None: the optimizer's entry in DEFAULT_LR
-    batch_size: int = 128
-    epochs: int = 5
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    schedule: str = "cosine"
-    seed: int = 0
-    lbfgs_iterations: int = 20  # L-BFGS iterations per epoch (one full-batch step)
-    tolerance: float = 1e-5  # L-BFGS stops once no gradient entry exceeds this
-
-    def check(self) -> "TrainConfig":
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if self.lr is None:
-            self.lr = DEFAULT_LR[self.optimizer]
-        for name in ("lr", "batch_size", "epochs", "lbfgs_iterations", "tolerance"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        for name in ("momentum", "weight_decay"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise UsageError(f"--{name.replace('_', '-')} must be zero or positive, got {value}")
-        return self
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -101,8 +56,8 @@ def fit(
     model,
     x_train: torch.Tensor,
     y_train: torch.Tensor,
-    x_val: torch.Tensor,
-    y_val: torch.Tensor,
+    x_val: torch.Tensor | None,
+    y_val: torch.Tensor | None,
     cfg: TrainConfig | None = None,
     *,
     progress: bool = False,
@@ -113,7 +68,9 @@ def fit(
     Each record holds ``train_loss``/``train_accuracy`` (averaged over the epoch's batches as
     they were trained, like the tutorial's running loss), ``val_loss``/``val_accuracy`` (the
     whole validation set after the epoch), ``lr`` and ``seconds`` (wall time of the epoch,
-    training and validation). ``on_epoch(record)`` is called after each epoch.
+    training and validation). ``on_epoch(record)`` is called after each epoch. Without a
+    validation set (``x_val`` None or empty: the final fit on all training data) records
+    have no ``val_*`` entries.
 
     With L-BFGS each epoch is one full-batch step of ``lbfgs_iterations`` iterations; records
     add ``grad_norm`` (largest gradient entry of the regularised objective), ``iterations`` (so
@@ -122,8 +79,11 @@ def fit(
     """
     cfg = (cfg or TrainConfig()).check()
     device = model.device
-    x_train, y_train, x_val, y_val = (t.to(device) for t in (x_train, y_train, x_val, y_val))
+    x_train, y_train = x_train.to(device), y_train.to(device)
     x_train = x_train.reshape(len(x_train), -1)
+    validate = x_val is not None and len(x_val) > 0
+    if validate:
+        x_val, y_val = x_val.to(device), y_val.to(device)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     schedule = make_schedule(optimizer, cfg, steps_per_epoch * cfg.epochs)
@@ -141,28 +101,22 @@ def fit(
             extra = {}
             if minibatch:
                 order = torch.randperm(len(x_train), generator=shuffler).to(device)
-                bar = tqdm(
-                    range(0, len(x_train), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
-                    leave=False, file=sys.stderr, disable=not show,
-                )
-                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, x_train, y_train, targets, order, cfg.batch_size, bar)
+                batches = range(0, len(x_train), cfg.batch_size)
+                if show:
+                    from tqdm import tqdm  # only when a bar is drawn: tqdm's import is not free
+
+                    batches = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, file=sys.stderr)
+                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, x_train, y_train, targets, order, cfg.batch_size, batches)
             else:
                 grad_max = _lbfgs_epoch(model, optimizer, x_train, y_train, cfg.weight_decay)
                 iterations = optimizer.state[optimizer.param_groups[0]["params"][0]]["n_iter"]
                 extra = {"grad_norm": grad_max, "iterations": iterations, "converged": grad_max <= cfg.tolerance}
                 train_loss, train_acc = loss_and_accuracy(model, x_train, y_train)
-            val_loss, val_acc = loss_and_accuracy(model, x_val, y_val)
-            record = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "train_accuracy": train_acc,
-                "val_loss": val_loss,
-                "val_accuracy": val_acc,
-                "lr": lr,
-                "seconds": time.perf_counter() - start,
-                **extra,
-            }
-            if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc}
+            if validate:
+                record["val_loss"], record["val_accuracy"] = loss_and_accuracy(model, x_val, y_val)
+            record.update(lr=lr, seconds=time.perf_counter() - start, **extra)
+            if not (math.isfinite(train_loss) and math.isfinite(record.get("val_loss", 0.0))):
                 raise DivergedError(
                     f"training diverged: the loss became {train_loss} in epoch {epoch} with learning rate "
                     f"{cfg.lr} ({cfg.optimizer}); try a smaller --lr"

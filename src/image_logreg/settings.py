@@ -1,0 +1,114 @@
+"""Names and defaults as plain data: datasets, optimizers, schedules, presets, ``TrainConfig``.
+
+Nothing here imports torch or torchvision (each takes seconds to import), so the command line
+builds its ``--help`` and answers ``--version`` from this module alone; the modules that do the
+work import their names and defaults from here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+from .errors import UsageError
+
+# name -> torchvision's dataset class, which is also the dataset's folder under --data-dir
+DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+# the class names torchvision gives each dataset, in label order (a test keeps them in step)
+CLASSES = {
+    "mnist": [f"{i} - {w}" for i, w in enumerate("zero one two three four five six seven eight nine".split())],
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+}
+
+OPTIMIZERS = ("sgd", "adam", "lbfgs")
+DEFAULT_LR = {"adam": 0.01, "sgd": 0.1, "lbfgs": 1.0}  # each tuned on MNIST and Fashion-MNIST
+SCHEDULES = ("constant", "cosine")
+
+DATA_DEFAULTS = {
+    "dataset": "mnist",
+    "data_dir": "data",
+    "val_fraction": 0.2,
+    "train_subset": None,
+    "device": "auto",
+    "download": True,
+    "deskew": False,
+}
+
+# Named sets of settings; flags given on the command line override them.
+PRESETS = {
+    # the tutorial's run: plain SGD at a constant learning rate of 0.001, batches of 100,
+    # 20% held out for validation, and the 5 epochs it trains first
+    "tutorial": {
+        "optimizer": "sgd", "lr": 0.001, "batch_size": 100, "schedule": "constant", "momentum": 0.0,
+        "weight_decay": 0.0, "val_fraction": 0.2, "epochs": 5,
+    },
+}
+
+
+def dataset_folder(name: str) -> str:
+    """The folder (and torchvision class) name of dataset ``name``; a one-line error if unknown."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}") from None
+
+
+def default_data_dir() -> str:
+    return os.environ.get("IMAGE_LOGREG_DATA", DATA_DEFAULTS["data_dir"])
+
+
+def preset(name: str | None, given: dict) -> dict:
+    """The settings in ``given`` whose value is not None, over preset ``name``'s (None: no preset)."""
+    if name is not None and name not in PRESETS:
+        raise UsageError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return dict(PRESETS[name], **chosen) if name else chosen
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides how the weights are fitted. Defaults are the tuned ones."""
+
+    optimizer: str = "adam"
+    lr: float | None = None  # None: the optimizer's entry in DEFAULT_LR
+    batch_size: int = 128
+    epochs: int = 5
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    seed: int = 0
+    lbfgs_iterations: int = 20  # L-BFGS iterations per epoch (one full-batch step)
+    tolerance: float = 1e-5  # L-BFGS stops once no gradient entry exceeds this
+
+    def check(self) -> "TrainConfig":
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.optimizer]
+        for name in ("lr", "batch_size", "epochs", "lbfgs_iterations", "tolerance"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        for name in ("momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise UsageError(f"--{name.replace('_', '-')} must be zero or positive, got {value}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        """How the weights will be fitted, in words: ``sgd, constant lr 0.001, batch 100``."""
+        if self.optimizer == "lbfgs":  # full batch, its own line search: no schedule, no batches
+            return f"lbfgs, lr {self.lr}, full batch"
+        rate = f"constant lr {self.lr}" if self.schedule == "constant" else f"lr {self.lr} with cosine decay"
+        return f"{self.optimizer}, {rate}, batch {self.batch_size}"
