@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import epoch_speed  # noqa: E402  (the tutorial's pipeline, reproduced)
+from sections import replace_block  # noqa: E402
 
 from image_logreg import LogisticRegression, TrainConfig, fit, load_split, split_indices  # noqa: E402
 from image_logreg.data import prepare_inputs, preprocessing_for  # noqa: E402
@@ -39,7 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.925
 TUTORIAL = TrainConfig(optimizer="sgd", lr=0.001, batch_size=100, schedule="constant", epochs=30)
 DATASETS = ("mnist", "fashion-mnist")
-README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def machine() -> dict:
@@ -201,17 +201,6 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str, readme: Path = ROOT / "README.md") -> None:
-    text = readme.read_text(encoding="utf-8")
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block to update")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text(f"{head}{README_START}\n{table}{README_END}{tail}", encoding="utf-8")
-    os.replace(tmp, readme)
-
-
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -234,11 +223,11 @@ def main(argv=None) -> int:
     table = render(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# image-logreg benchmark results\n\n" + table, encoding="utf-8")
+    replace_block(out, "compare", table)  # the other benchmarks' blocks stay as they are
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.update_readme:
-        update_readme(table)
+        replace_block(ROOT / "README.md", "results", table)
     print(table)
     return 0
 

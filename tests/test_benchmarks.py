@@ -44,3 +44,32 @@ def test_startup_measures_every_command(real_data, mnist_run, tmp_path):
 
     figures = json.loads((tmp_path / "startup.json").read_text())["figures"]
     assert all(f["median"] > 0 for f in figures.values())
+
+
+def test_serve_load_runs_every_scenario(real_data, mnist_run, tmp_path):
+    """A few requests each: the figures mean nothing here, the script and its server must work."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--data-dir", str(real_data), "--model", str(mnist_run),
+         "--requests", "60", "--batch-requests", "4", "--json", str(tmp_path / "serve.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: a target missed on a busy machine
+    import json
+
+    figures = json.loads((tmp_path / "serve.json").read_text())
+    assert set(figures["scenarios"]) == {"health", "infer", "png", "batch"}
+    assert all(s["errors"] == 0 and s["requests"] > 0 for s in figures["scenarios"].values())
+    assert "| `infer`, batches of 256 (UINT8 JSON) |" in done.stdout
+
+
+def test_each_benchmark_replaces_only_its_own_block(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sections import replace_block
+
+    results = tmp_path / "results.md"
+    replace_block(results, "compare", "first table", title="Training")
+    replace_block(results, "serve", "serving table", title="Serving")
+    replace_block(results, "compare", "second table")
+    text = results.read_text()
+    assert "second table" in text and "first table" not in text and "serving table" in text
+    assert text.count("## Training") == 1 and text.index("second table") < text.index("serving table")
