@@ -49,13 +49,14 @@ def deskew(images: torch.Tensor) -> torch.Tensor:
     # interpolation can move a pixel by one; in float64 no such difference survives between
     # this and an exported graph's sampler (onnxruntime's), so both round alike.
     work_dtype = torch.float32 if images.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float64
-    out = torch.empty(batch.shape, dtype=work_dtype, device=images.device)
+    # Rounded and cast chunk by chunk: a float64 copy of a whole training set would not fit in cache.
+    out = torch.empty(batch.shape, dtype=images.dtype, device=images.device)
     for start in range(0, batch.shape[0], CHUNK):
-        chunk = batch[start : start + CHUNK].to(work_dtype)
-        out[start : start + CHUNK] = deskew_float(chunk)
-    if images.dtype == torch.uint8:
-        out = out.round_().clamp_(0, 255)
-    return out.to(images.dtype).reshape(images.shape)
+        chunk = deskew_float(batch[start : start + CHUNK].to(work_dtype))
+        if images.dtype == torch.uint8:
+            chunk = chunk.round_().clamp_(0, 255)
+        out[start : start + CHUNK] = chunk
+    return out.reshape(images.shape)
 
 
 def deskew_float(img: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ from .model import LogisticRegression
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "input", "probabilities", "batch"
 # GridSample, which deskewing needs, entered ONNX in opset 16, but onnxruntime runs it in
-# float64 (as deskew does for uint8 images) only from opset 20 (onnxruntime 1.17 and later).
+# float64 (as deskew does for uint8 images) only from opset 20. In float32 its sampler and
+# torch's differ in the last bits, enough to round a few pixels the other way.
 OPSET = 20
 # The TorchScript file's copy of the metadata, read back with torch.jit.load(_extra_files=...).
 TORCHSCRIPT_METADATA = "image_logreg.json"
@@ -89,11 +90,15 @@ def _write_onnx(wrapper: ExportedModel, example: torch.Tensor, tmp: Path, meta: 
     # and traces this small graph exactly. Its deprecation notice is not the user's concern.
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper, (example,), str(tmp), dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
-        )
+        try:
+            torch.onnx.export(
+                wrapper, (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
+            )
+        except Exception as exc:  # a torch without this exporter, or one that cannot write opset 20
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"ONNX export failed with torch {torch.__version__} ({reason})") from None
     graph = onnx.load(str(tmp))
     graph.doc_string = f"image-logreg: {meta.get('dataset', 'unknown dataset')} logistic regression"
     for key, value in metadata_props(meta).items():
