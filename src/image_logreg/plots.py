@@ -5,18 +5,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+from matplotlib import colormaps  # noqa: F401  (the colour maps the figures use, for report and sweep)
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, no display needed
-import matplotlib.pyplot as plt  # noqa: E402
+from .files import atomic_path
 
-from .files import atomic_path  # noqa: E402
+# Figures are built as plain Figure objects, not through pyplot: they belong to no backend and
+# no global list, so drawing one neither changes a notebook's backend nor keeps memory alive.
+
+
+def subplots(nrows: int = 1, ncols: int = 1, *, figsize=None, layout=None, **kwargs):
+    """As ``pyplot.subplots``, for a figure that is only ever saved to a file."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     return Path(path)
 
 
@@ -39,7 +45,7 @@ def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "") -
     """Accuracy and loss per epoch, training and validation (when there was one) side by side."""
     epochs = [h["epoch"] for h in history]
     validated = all("val_loss" in h for h in history)
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_acc, ax_loss) = subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Cross-entropy loss")):
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="training")
         if validated:
@@ -73,7 +79,7 @@ def plot_grid(images, captions: list[str], path: str | os.PathLike, title: str =
     unit = 0.9 * cell_in / w  # inches per pixel
     gap_x, gap_y = 0.1 * cell_in / unit, (0.16 * lines + 0.1) / unit  # in pixels: room for the captions
     width, height = cols * (w + gap_x), rows * (h + gap_y)
-    fig = plt.figure(figsize=(width * unit, height * unit))
+    fig = Figure(figsize=(width * unit, height * unit))
     ax = fig.add_axes((0, 0, 1, 1))
     for k, (image, caption, color) in enumerate(zip(images, captions, colors)):
         x0, y0 = (k % cols) * (w + gap_x) + gap_x / 2, (k // cols) * (h + gap_y) + gap_y

@@ -23,10 +23,8 @@ from .data import prepare_inputs
 from .errors import CheckpointError
 from .files import read_json, refuse_existing, write_text
 from .metrics import logits_of, per_class_scores, scores_of_logits
-from .plots import WEIGHT_CMAP, plot_curves, plot_grid, save_figure, weight_templates
+from .plots import WEIGHT_CMAP, colormaps, plot_curves, plot_grid, save_figure, subplots, weight_templates
 from .run import data_dir_for, eval_data
-
-import matplotlib.pyplot as plt  # noqa: E402  (after .plots, which selects the file-only Agg backend)
 
 REPORT_NAME = "report.html"
 FIGURES = {
@@ -171,7 +169,7 @@ def plot_weights(model, classes: list[str], path) -> Path:
     clipped = weights.abs().max().item() > limit  # arrows on the colour bar say so
     cols = min(len(classes), 5)
     rows = -(-len(classes) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows + 0.6), squeeze=False, layout="constrained")
+    fig, axes = subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows + 0.6), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, w, name in zip(axes.flat, weights, classes):
@@ -190,8 +188,8 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], path) -> Path:
     counts = cm.numpy()
     n = len(classes)
     size = max(5.5, 0.62 * n + 2)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
-    cmap = plt.get_cmap("Blues").with_extremes(bad="white")  # zero cells: no colour, and no number either
+    fig, ax = subplots(figsize=(size + 1.2, size))
+    cmap = colormaps["Blues"].with_extremes(bad="white")  # zero cells: no colour, and no number either
     masked = counts.astype(float)
     masked[masked == 0] = float("nan")
     norm = LogNorm(vmin=0.6, vmax=max(2, counts.max()))  # below 1, so a single mistake is tinted, unlike zero
@@ -250,7 +248,7 @@ def plot_calibration(cal: dict, path) -> Path:
     """Reliability diagram over a histogram of confidences, sharing the confidence axis."""
     edges = cal["edges"]
     lefts, width = edges[:-1], edges[1] - edges[0]
-    fig, (ax, ax_hist) = plt.subplots(
+    fig, (ax, ax_hist) = subplots(
         2, 1, figsize=(6.5, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]}, layout="constrained"
     )
     filled = [(x, a, c) for x, a, c in zip(lefts, cal["accuracy"], cal["confidence"]) if a is not None]
@@ -277,7 +275,7 @@ def plot_calibration(cal: dict, path) -> Path:
 
 
 def _message_figure(message: str, path) -> Path:
-    fig, ax = plt.subplots(figsize=(6, 1.2))
+    fig, ax = subplots(figsize=(6, 1.2))
     ax.axis("off")
     ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12)
     return save_figure(fig, path)

@@ -331,7 +331,7 @@ def markdown(rows: list[dict], varied: list[str], best: dict | None, title: str)
 
 def plot_sweep(rows: list[dict], configs: list[dict], varied: list[str], path, title: str = "") -> Path:
     """Validation accuracy per configuration (sorted bars); and vs. training-set size when that varies."""
-    from .plots import plt, save_figure
+    from .plots import colormaps, save_figure, subplots
 
     names = varied or list(SWEEP_SETTINGS)
     order = ranked(rows)
@@ -340,9 +340,9 @@ def plot_sweep(rows: list[dict], configs: list[dict], varied: list[str], path, t
     n = len(order)
     height = max(3.5, 0.32 * n + 1.6)
     if with_sizes:
-        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, height), gridspec_kw={"width_ratios": [1.1, 1]}, layout="constrained")
+        fig, (ax, ax2) = subplots(1, 2, figsize=(14, height), gridspec_kw={"width_ratios": [1.1, 1]}, layout="constrained")
     else:
-        fig, ax = plt.subplots(figsize=(8, height), layout="constrained")
+        fig, ax = subplots(figsize=(8, height), layout="constrained")
 
     ok = [r for r in order if r["status"] != "failed"]
     accs = [r["val_accuracy"] for r in ok]
@@ -377,7 +377,7 @@ def plot_sweep(rows: list[dict], configs: list[dict], varied: list[str], path, t
         many = len(groups) > 10  # past the default colour cycle: 20 colours and varied markers
         # legend order = order of the lines' right ends, best on top
         for k, (name, pts) in enumerate(sorted(groups.items(), key=lambda g: -g[1][-1][1])):
-            style = {"color": plt.get_cmap("tab20")(k % 20), "marker": "os^Dv<>PX"[k % 9]} if many else {"marker": "o"}
+            style = {"color": colormaps["tab20"](k % 20), "marker": "os^Dv<>PX"[k % 9]} if many else {"marker": "o"}
             ax2.plot([x for x, _ in pts], [y for _, y in pts], "-", label=name, alpha=0.85, **style)
         ax2.set_xscale("log")
         ax2.set_xticks(sizes)
