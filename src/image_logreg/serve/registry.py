@@ -36,7 +36,6 @@ class ServedModel:
     def deskew(self) -> bool:
         return bool((self.meta.get("preprocessing") or {}).get("deskew"))
 
-    @torch.inference_mode()
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """What the model sees: uint8 0-255 or float 0-1 images, through its own preprocessing."""
         if images.dtype == torch.uint8:
