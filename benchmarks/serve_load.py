@@ -267,8 +267,13 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     if args.update_results:
-        replace_block(ROOT / "benchmarks" / "results.md", "serve", text, title="Serving: `benchmarks/serve_load.py`")
-        replace_block(ROOT / "README.md", "serve-results", text)
+        parser_used = parser_name(args.http)
+        if parser_used == parser_name("auto"):  # what `serve` uses by default: results.md and the README
+            replace_block(ROOT / "benchmarks" / "results.md", "serve", text, title="Serving: `benchmarks/serve_load.py`")
+            replace_block(ROOT / "README.md", "serve-results", text)
+        else:
+            replace_block(ROOT / "benchmarks" / "results.md", f"serve-{parser_used}", text,
+                          title=f"Serving with `--http {parser_used}`")
     return 0 if all(ok for _, ok in checks(figures).values()) else 1
 
 
