@@ -12,7 +12,7 @@ import math
 import os
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,17 +27,20 @@ SPLITS = ("train", "test")
 class ImageSet:
     """One split of a dataset, held in memory."""
 
-    images: torch.Tensor  # uint8, N x H x W, as stored in the IDX file
+    images: torch.Tensor  # uint8, N x H x W (gray) or N x 3 x H x W (colour)
     labels: torch.Tensor  # int64, N
     classes: list[str]
     dataset: str
     split: str
+    # folder and CSV datasets: the files of this split, those skipped, the decode settings
+    # and held-out test indices, as plain data for the run to save (see sources.folder)
+    source: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
-    def input_shape(self) -> tuple[int, int]:
+    def input_shape(self) -> tuple[int, ...]:  # (H, W) or (C, H, W)
         return tuple(self.images.shape[1:])
 
 
@@ -60,11 +63,20 @@ def expected_files(name: str, split: str) -> tuple[str, str]:
 
 
 def load_split(
-    name: str, data_dir: str | os.PathLike = "data", split: str = "train", download: bool = True
+    name: str, data_dir: str | os.PathLike = "data", split: str = "train", download: bool = True, **options
 ) -> ImageSet:
-    """Read one split of ``name`` from ``data_dir`` (torchvision's layout), fetching it if missing."""
+    """Read one split of ``name`` from ``data_dir`` (torchvision's layout), fetching it if missing.
+
+    Folders, CSVs and the other classic datasets come from ``sources`` (``options`` are
+    theirs: image size, resize, colour, test fraction, cache); MNIST and Fashion-MNIST from here.
+    """
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    from . import sources
+
+    if sources.provides(name):
+        return sources.load_split(name, data_dir, split, download, **options)
+    sources.check_options(name, options)
     folder = raw_folder(name, data_dir)
     image_file, label_file = (folder / f for f in expected_files(name, split))
     missing = [p.name for p in (image_file, label_file) if not p.is_file()]
@@ -161,6 +173,8 @@ def prepare_inputs(images: torch.Tensor, preprocessing: dict | None, device: tor
     """
     images = images.to(device)
     if preprocessing and preprocessing.get("deskew"):
+        if images.dim() == 4:  # N x C x H x W: deskewing measures the slant of gray strokes
+            raise UsageError("--deskew works on grayscale images only; these are colour (use --color gray)")
         from .deskew import deskew
 
         images = deskew(images)

@@ -143,7 +143,7 @@ def _decode(open_source, label: str) -> np.ndarray:
 
 def _to_gray_array(image: Image.Image) -> np.ndarray:
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return _numeric_to_unit(image)
+        return numeric_to_unit(image)
     if image.has_transparency_data:
         # Transparent pixels often hold black colour values; over white they read as paper.
         rgba = image.convert("RGBA")
@@ -152,7 +152,7 @@ def _to_gray_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
 
 
-def _numeric_to_unit(image: Image.Image) -> np.ndarray:
+def numeric_to_unit(image: Image.Image) -> np.ndarray:
     """16-bit, 32-bit and float images: scale by the range their values evidently use."""
     values = np.nan_to_num(np.asarray(image, dtype=np.float64))
     low, high = values.min(), values.max()
