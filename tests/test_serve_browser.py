@@ -217,8 +217,8 @@ def settled(page) -> None:
 def predicted(page) -> tuple[str, str | None]:
     """The shown prediction, once the page has its latest answer: (class name, data-index)."""
     settled(page)
-    shown = by_testid(page, "prediction")
-    return shown.inner_text(), shown.get_attribute("data-index")
+    # One read of both, so an answer arriving in between cannot pair old text with a new index.
+    return tuple(by_testid(page, "prediction").evaluate("e => [e.innerText, e.getAttribute('data-index')]"))
 
 
 def probabilities(page) -> list[tuple[int, float | None]]:

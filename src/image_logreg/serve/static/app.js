@@ -458,6 +458,7 @@
   async function useFile(file) {
     if (!file) return;
     forgetPending();
+    setBusy(true); // an answer for this file is coming, once it is on the pad
     state.source = file;
     await showFileOnPad(file);
     if (state.source === file) predictNow();
