@@ -328,3 +328,16 @@ def test_evaluate_calls_the_per_class_column_recall(capsys, toy_data, tmp_path):
     code, stdout, _ = run_cli(capsys, "evaluate", tmp_path / "run", "--json")
     result = json.loads(stdout)
     assert result["recall"] == result["per_class"]  # per_class kept for readers of older output
+
+
+def test_a_reader_that_stops_early_gets_no_error(toy_data, tmp_path):
+    """`image-logreg evaluate RUN | head -1`: the closed pipe is the reader's choice, not an error."""
+    run_dir = tmp_path / "run"
+    assert subprocess.run([sys.executable, "-m", "image_logreg", "train", "--data-dir", str(toy_data), "--out", str(run_dir),
+                           *FAST], capture_output=True).returncode == 0
+    # `true` reads nothing and is gone long before the results are written: the write always fails.
+    done = subprocess.run(
+        f"set -o pipefail; {sys.executable} -m image_logreg evaluate {run_dir} --no-download | true", shell=True,
+        executable="/bin/bash", capture_output=True, text=True, timeout=120,
+    )
+    assert done.stderr == "" and done.returncode == 141

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .data import preprocessing_for
+from .data import DATASET_DECODE, preprocessing_for
 from .errors import CheckpointError
 from .files import atomic_path
 from .model import LogisticRegression
-from .settings import CLASSES, dataset_folder
+from .settings import CLASSES, DATASET_NAMES, dataset_folder
 
 FORMAT = "image-logreg"
 FORMAT_VERSION = 1
@@ -125,6 +125,23 @@ def _check_metadata(path: Path, meta) -> None:
         corrupt(f"classes is not a list of {num_classes} names")
     if not isinstance(meta.get("preprocessing", {}), dict):
         corrupt("preprocessing is not an object")
+    files = meta.get("preprocessing", {}).get("image_files")
+    if isinstance(files, dict) and files.get("name") == DATASET_DECODE:
+        _check_decode(files, shape, corrupt)
+
+
+def _check_decode(files: dict, shape: list, corrupt) -> None:
+    """A dataset-decode record must say how to bring a file to exactly the model's input shape."""
+    from .sources.images import COLORS, RESIZE_MODES
+
+    size, color = files.get("image_size"), files.get("color")
+    if not (isinstance(size, list) and len(size) == 2 and all(type(d) is int and d > 0 for d in size)):
+        corrupt(f"image_files image_size {_short(size)} is not two positive whole numbers")
+    if files.get("resize") not in RESIZE_MODES or color not in COLORS:
+        corrupt(f"image_files resize {_short(files.get('resize'))} or color {_short(color)} is unknown")
+    made = [3, *size] if color == "rgb" else size
+    if made != shape:
+        corrupt(f"image_files make {'x'.join(map(str, made))} images, but input_shape is {'x'.join(map(str, shape))}")
 
 
 def _short(value) -> str:
@@ -235,6 +252,12 @@ def _load_failure(exc: BaseException) -> str:
 
 
 def _tutorial_metadata(dataset: str) -> dict:
+    if dataset in DATASET_NAMES and dataset not in CLASSES:
+        # a state_dict records no class names; only the tutorial's own datasets name theirs here
+        raise CheckpointError(
+            f"a plain state_dict records no class names, so it loads as {' or '.join(CLASSES)} only, not {dataset}; "
+            "use the run directory or .safetensors checkpoint that image-logreg train wrote"
+        )
     dataset_folder(dataset)  # an unknown name is a one-line error
     return {
         "dataset": dataset,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(str(exc), 2)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
+    except BrokenPipeError:  # the reader has gone (`| head`): nothing more to say, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
+        return 141
     except OSError as exc:  # disk full, permission denied and the like while writing results
         return fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), 1)
 
@@ -73,6 +77,7 @@ def cmd_train(args) -> int:
         "tolerance": args.tolerance,
         "seed": args.seed,
         "deskew": args.deskew,
+        **image_options(args),
     }
     config = preset(args.preset, given)  # flags left out (None) come from the preset, else the defaults
     summary = train_run(
@@ -99,6 +104,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def image_options(args) -> dict:
+    """The folder and CSV flags as settings (None where not given, so other datasets can refuse them)."""
+    return {
+        "image_size": args.image_size, "resize": args.resize, "color": args.color, "test_fraction": args.test_fraction,
+        "cache_dir": args.cache_dir, "no_cache": args.no_cache or None,
+    }
+
+
 def cmd_evaluate(args) -> int:
     from .run import eval_data, evaluate_model
     from .train import resolve_device
@@ -114,6 +127,10 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# Classes past which evaluate's confusion matrix no longer fits a terminal's width.
+CONFUSION_PRINTED = 30
+
+
 def print_evaluation(result: dict, classes: list[str]) -> None:
     print(f"{result['dataset']} {result['split']}: {result['n']} images, loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}")
     width = max(len(c) for c in classes)
@@ -121,6 +138,9 @@ def print_evaluation(result: dict, classes: list[str]) -> None:
     for c in classes:
         fmt = lambda v: "       -" if v is None else f"{v:8.4f}"
         print(f"{c:<{width}}  {fmt(result['recall'][c])}   {fmt(result['precision'][c])}  {fmt(result['f1'][c])}")
+    if len(classes) > CONFUSION_PRINTED:
+        print(f"\nconfusion matrix: {len(classes)} x {len(classes)}, too wide to print; see --json or `image-logreg report`")
+        return
     print("\nconfusion matrix (rows: true class, columns: predicted)")
     for i, row in enumerate(result["confusion"]):
         print(f"{i:>3} " + " ".join(f"{v:5d}" for v in row))
@@ -182,14 +202,14 @@ def cmd_predict(args) -> int:
 
 
 def save_preprocessed(image, folder, n: int, source: Path, overwrite: bool) -> Path:
-    """The 28x28 the model saw, numbered so same-named files from different folders stay apart."""
+    """The image the model saw, numbered so same-named files from different folders stay apart."""
     from PIL import Image
 
     from .files import atomic_path, refuse_existing
 
     path = refuse_existing(Path(folder) / f"{n:04d}-{source.stem}.png", overwrite, "--save-preprocessed folder")
     with atomic_path(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
+        Image.fromarray(image.transpose(1, 2, 0) if image.ndim == 3 else image).save(tmp, format="PNG")  # C x H x W: colour
     return path
 
 
@@ -217,11 +237,13 @@ def cmd_show(args) -> int:
     from .data import load_split
     from .files import refuse_existing
     from .plots import plot_grid
+    from .run import dataset_options
 
     out = refuse_existing(args.out or f"{args.dataset}-{args.split}-samples.png", args.overwrite)
     if args.count < 1:
         raise UsageError(f"--count must be at least 1, got {args.count}")
-    data = load_split(args.dataset, args.data_dir, args.split, download=not args.no_download)
+    options = dataset_options({"dataset": args.dataset, "seed": args.seed, **image_options(args)})
+    data = load_split(args.dataset, args.data_dir, args.split, download=not args.no_download, **options)
     picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.count]
     titles = [f"#{i}: {data.classes[int(data.labels[i])]}" for i in picks.tolist()]
     plot_grid([data.images[i].numpy() for i in picks.tolist()], titles, out, title=f"{args.dataset} {args.split} samples")
@@ -240,7 +262,8 @@ def cmd_sweep(args) -> int:
     grid.update({name: [chosen[name]] for name in SWEEP_SETTINGS if name in chosen and given[name] is None})
     shared = {k: v for k, v in chosen.items() if k not in SWEEP_SETTINGS}
     fixed = {"dataset": args.dataset, "data_dir": args.data_dir, "download": not args.no_download,
-             "device": args.device, "epochs": TrainConfig().epochs, "seed": args.seed, "deskew": args.deskew, **shared}
+             "device": args.device, "epochs": TrainConfig().epochs, "seed": args.seed, "deskew": args.deskew,
+             **{k: v for k, v in image_options(args).items() if v is not None}, **shared}
     result = run_sweep(grid, fixed, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log)
     if args.json:
         emit_json(result)
@@ -322,7 +345,8 @@ def open_model(args):
 
 def build_parser() -> argparse.ArgumentParser:
     # plain data only: building the parser must not import torch (--version, --help answer at once)
-    from .settings import DATA_DEFAULTS, DATASETS, DEFAULT_LR, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig, default_data_dir
+    from .settings import DATA_DEFAULTS, DATASET_NAMES, DEFAULT_LR, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig, default_data_dir
+    from .sources.images import COLORS, RESIZE_MODES
 
     defaults = TrainConfig()
     parser = Parser(prog="image-logreg", description="Image classification with logistic regression in PyTorch.")
@@ -332,13 +356,28 @@ def build_parser() -> argparse.ArgumentParser:
     def data_flags(p, for_model=False):
         if for_model:
             dataset_help = "dataset the model was trained on (default: from the checkpoint; mnist for a state_dict)"
-            dir_help = "folder holding MNIST/raw/ or FashionMNIST/raw/ (default: $IMAGE_LOGREG_DATA if set, else the run's own, else ./data)"
+            dir_help = ("folder holding MNIST/raw/, FashionMNIST/raw/ and the like, or a folder or CSV dataset's own "
+                        "(default: $IMAGE_LOGREG_DATA if set, else the run's own, else ./data)")
         else:
-            dataset_help = "dataset (default: %(default)s)"
-            dir_help = "folder holding MNIST/raw/ or FashionMNIST/raw/ (default: ./data, or $IMAGE_LOGREG_DATA)"
-        p.add_argument("--dataset", choices=list(DATASETS), default=None if for_model else "mnist", help=dataset_help)
+            dataset_help = "dataset; folder: DIR in ImageFolder layout, csv: a path,label CSV file (default: %(default)s)"
+            dir_help = ("folder holding MNIST/raw/, FashionMNIST/raw/ and the like (default: ./data, or $IMAGE_LOGREG_DATA); "
+                        "for --dataset folder the image folder, for csv the CSV file")
+        p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None if for_model else "mnist", help=dataset_help)
         p.add_argument("--data-dir", default=None if for_model else default_data_dir(), help=dir_help)
         p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+
+    def image_flags(p):
+        """How a folder's or CSV's images are decoded (refused for the other datasets)."""
+        g = p.add_argument_group("folder and csv datasets")
+        g.add_argument("--image-size", metavar="HxW", default=None,
+                       help="bring every image to this size (default: the size all images share)")
+        g.add_argument("--resize", choices=RESIZE_MODES, default=None,
+                       help="fit: keep the aspect ratio, pad with the background; stretch; crop: cover, cut the overflow (default: fit)")
+        g.add_argument("--color", choices=COLORS, default=None, help="(default: rgb if any image has colour)")
+        g.add_argument("--test-fraction", type=float, default=None,
+                       help="share of each class held out as the test split when there are no train/ and test/ (default: 0.2)")
+        g.add_argument("--cache-dir", default=None, help="where decoded images are cached (default: $XDG_CACHE_HOME/image-logreg)")
+        g.add_argument("--no-cache", action="store_true", help="decode every file, read and write no cache")
 
     def run_flags(p):
         """What train and sweep share: how long, from which seed, on what inputs and device."""
@@ -356,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Settings a preset may set default to None here; the defaults named in their help fill the rest.
     p = sub.add_parser("train", help="train a model and save a run directory")
     data_flags(p)
+    image_flags(p)
     p.add_argument("--preset", choices=list(PRESETS), default=None, help=preset_help)
     p.add_argument(
         "--val-fraction", type=float, default=None,
@@ -404,14 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, nargs="+", metavar="N", help="dataset sample(s) to predict")
     p.add_argument("--split", choices=["test", "val"], default="test", help="split for --index (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=3, help="probabilities to show per image (default: %(default)s)")
-    p.add_argument("--no-normalize", action="store_true", help="feed files as they are (grayscale, resized), no MNIST-style centring")
+    p.add_argument("--no-normalize", action="store_true",
+                   help="digit models: feed files as they are (grayscale, resized), no MNIST-style centring; "
+                        "other models always decode files as their dataset's were")
     p.add_argument("--csv", metavar="FILE", help="also write the predictions (and any unreadable files) to a CSV file")
-    p.add_argument("--save-preprocessed", metavar="DIR", help="write the 28x28 image the model saw for each file into DIR")
+    p.add_argument("--save-preprocessed", metavar="DIR", help="write the image the model saw for each file into DIR (PNG)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file or preprocessed images")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("show", help="write a labelled grid of dataset samples")
     data_flags(p)
+    image_flags(p)
     p.add_argument("--split", choices=["train", "test"], default="train", help="(default: %(default)s)")
     p.add_argument("--count", type=int, default=32, help="number of samples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for picking samples")
@@ -421,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train a grid of settings, compare them by validation accuracy (resumable)")
     data_flags(p)
+    image_flags(p)
     p.add_argument("--preset", choices=list(PRESETS), default=None, help=preset_help + " (the grid varies the flags given)")
     for name, example, default in (
         ("lr", "0.001,0.01", "per optimizer" if defaults.lr is None else defaults.lr),
@@ -445,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write report.html into a run directory: curves, weights, errors, calibration")
     p.add_argument("run", metavar="RUN", help="run directory made by `image-logreg train`")
     p.add_argument("--data-dir", default=None,
-                   help="folder holding MNIST/raw/ or FashionMNIST/raw/ (default: $IMAGE_LOGREG_DATA if set, else the run's own)")
+                   help="folder holding MNIST/raw/ and the like, or a folder or CSV dataset's own "
+                        "(default: $IMAGE_LOGREG_DATA if set, else the run's own)")
     p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
     p.add_argument("--json", action="store_true", help="print one JSON document: report path, test accuracy, ECE")
     p.set_defaults(func=cmd_report)
@@ -455,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", help="onnx or torchscript (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="FILE", help="file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--dataset", choices=list(DATASETS), default=None,
+    p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
                    help="dataset the model was trained on (default: from the checkpoint; mnist for a state_dict)")
     p.add_argument("--json", action="store_true", help="print one JSON document describing the exported file")
     p.set_defaults(func=cmd_export)
@@ -471,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES", help="largest request body (default: 8 MiB)")
     p.add_argument("--max-images", type=int, default=None, metavar="N", help="most images per request (default: 1024)")
-    p.add_argument("--dataset", choices=list(DATASETS), default=None, help="what a tutorial state_dict was trained on")
+    p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None, help="what a tutorial state_dict was trained on")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
                    help="HTTP/1.1 parser (default: %(default)s, httptools where installed)")

@@ -157,12 +157,44 @@ def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.
     return images.to(device).float().div_(255.0)
 
 
-def preprocessing_for(deskewed: bool = False) -> dict:
-    """The description of the input pipeline that checkpoints record (plain data)."""
+# ``preprocessing["image_files"]["name"]`` of a model whose user files are decoded as its
+# dataset's own files were (``sources.images.read_image``), not normalised as digits.
+DATASET_DECODE = "dataset-decode"
+
+
+def preprocessing_for(deskewed: bool = False, decode: dict | None = None) -> dict:
+    """The description of the input pipeline that checkpoints record (plain data).
+
+    ``decode`` (``image_size``, ``resize``, ``color``, as a dataset settled them) says a
+    user's image files are to be decoded that way; None, that they are normalised as MNIST
+    digits (``preprocess.PREPROCESSING``). Prediction reads this, never the dataset's name.
+    """
     from .deskew import DESKEW
     from .preprocess import PREPROCESSING
 
-    return {"scale": "x / 255", "deskew": dict(DESKEW) if deskewed else False, "image_files": dict(PREPROCESSING)}
+    if decode is None:
+        image_files = dict(PREPROCESSING)
+    else:
+        image_files = {
+            "name": DATASET_DECODE,
+            "image_size": [int(v) for v in decode["image_size"]],
+            "resize": decode["resize"],
+            "color": decode["color"],
+            "steps": [
+                "EXIF orientation applied, transparency over white, 16-bit and float scaled to 8 bits",
+                "gray or RGB as the dataset",
+                "resized to image_size: fit (aspect kept, padded with the border colour), stretch, or crop (cover, centre cut)",
+            ],
+        }
+    return {"scale": "x / 255", "deskew": dict(DESKEW) if deskewed else False, "image_files": image_files}
+
+
+def decode_settings_of(preprocessing: dict | None) -> dict | None:
+    """The recorded ``image_size``/``resize``/``color`` of a dataset-decode model; None for a digit model."""
+    files = (preprocessing or {}).get("image_files") or {}
+    if files.get("name") != DATASET_DECODE:
+        return None
+    return {k: files[k] for k in ("image_size", "resize", "color")}
 
 
 def prepare_inputs(images: torch.Tensor, preprocessing: dict | None, device: torch.device | str = "cpu") -> torch.Tensor:

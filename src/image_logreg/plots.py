@@ -41,6 +41,21 @@ def weight_templates(model):
     return weights, limit
 
 
+def template_rgb(weights, limit: float):
+    """Colour templates (K x 3 x H x W weights) as K x H x W x 3 RGB images in [0, 1].
+
+    Each channel shows its own weights on the shared symmetric scale, ``0.5 + w / (2 * limit)``
+    clipped to [0, 1]: mid-gray is a weight of zero, a brighter red where red light is evidence
+    for the class, darker where it is evidence against, and so on for green and blue. A
+    diverging colour map cannot show three signed channels at once; this keeps one scale
+    for every class and channel, as the gray templates have.
+    """
+    import numpy as np
+
+    values = np.asarray(weights, dtype=np.float32)
+    return np.clip(0.5 + values / (2 * limit), 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
 def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """Accuracy and loss per epoch, training and validation (when there was one) side by side."""
     epochs = [h["epoch"] for h in history]
@@ -65,13 +80,14 @@ def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "") -
 
 
 def plot_grid(images, captions: list[str], path: str | os.PathLike, title: str = "", colors: list[str] | None = None, cols: int = 8) -> Path:
-    """Captioned uint8 images tiled on one axes, each row as tall as its longest caption needs.
+    """Captioned uint8 images (H x W gray, or 3 x H x W colour) tiled on one axes, each row as tall
+    as its longest caption needs.
 
     One axes for all images keeps multi-line captions clear of the row above and draws a
     large grid several times faster than one axes per image.
     """
     colors = colors or ["black"] * len(images)
-    h, w = images[0].shape
+    h, w = images[0].shape[-2:]  # H x W gray, or 3 x H x W colour
     cols = min(cols, len(images))
     rows = -(-len(images) // cols)
     lines = max(c.count("\n") + 1 for c in captions)
@@ -84,7 +100,10 @@ def plot_grid(images, captions: list[str], path: str | os.PathLike, title: str =
     for k, (image, caption, color) in enumerate(zip(images, captions, colors)):
         x0, y0 = (k % cols) * (w + gap_x) + gap_x / 2, (k // cols) * (h + gap_y) + gap_y
         # raw uint8, as stored: what a person would see, whatever the model's preprocessing
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255, extent=(x0, x0 + w, y0 + h, y0), interpolation="nearest")
+        if image.ndim == 3:  # colour, channels first as torch keeps them; imshow wants H x W x 3
+            ax.imshow(image.transpose(1, 2, 0), extent=(x0, x0 + w, y0 + h, y0), interpolation="nearest")
+        else:
+            ax.imshow(image, cmap="gray", vmin=0, vmax=255, extent=(x0, x0 + w, y0 + h, y0), interpolation="nearest")
         ax.text(x0 + w / 2, y0 - 0.05 / unit, caption, ha="center", va="bottom", fontsize=8, color=color)
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)

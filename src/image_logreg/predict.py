@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import prepare_inputs
+from .data import decode_settings_of, prepare_inputs
 from .model import LogisticRegression
 
 
@@ -26,17 +26,34 @@ def predict_file(
     and the uint8 image the model was given. The command line, the HTTP API and the page
     all predict files through here, so they answer alike.
     """
-    from .preprocess import prepare_image
-
-    image = prepare_image(source, normalize=normalize, size=tuple(model.input_shape), name=name)
+    image = prepare_file(model, meta, source, normalize, name)
     result = predict_images(model, torch.from_numpy(image)[None], meta, [name or str(source)], k)[0]
     return result, image
+
+
+def prepare_file(model, meta: dict, source, normalize: bool = True, name: str | None = None) -> np.ndarray:
+    """A file as the model's dataset made its images, as its recorded preprocessing says.
+
+    A digit-style model (MNIST and its kin) gets the file normalised as an MNIST digit
+    (``normalize=False``: only made gray and resized); a model of a folder, a CSV or CIFAR
+    gets it decoded as its dataset's own files were: the recorded size, resize mode and
+    colour (uint8 H x W, or 3 x H x W). ``normalize`` has no say there: nothing is centred.
+    """
+    decode = decode_settings_of(meta.get("preprocessing"))
+    if decode is not None:
+        from .sources.images import DecodeSettings, read_image
+
+        settings = DecodeSettings(tuple(decode["image_size"]), decode["resize"], decode["color"])
+        return read_image(source, settings, name=name)
+    from .preprocess import prepare_image
+
+    return prepare_image(source, normalize=normalize, size=tuple(model.input_shape), name=name)
 
 
 def predict_images(
     model, images_uint8: torch.Tensor, meta: dict, sources: list[str], k: int = 3
 ) -> list[dict]:
-    """Predictions for uint8 images (N x H x W), one ``{source, label, top_k}`` dict each.
+    """Predictions for uint8 images (N x H x W, or N x 3 x H x W), one ``{source, label, top_k}`` dict each.
 
     ``meta`` is the checkpoint's metadata: its class names and recorded preprocessing.
     """

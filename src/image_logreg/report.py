@@ -23,7 +23,7 @@ from .data import prepare_inputs
 from .errors import CheckpointError
 from .files import read_json, refuse_existing, write_text
 from .metrics import logits_of, per_class_scores, scores_of_logits
-from .plots import WEIGHT_CMAP, colormaps, plot_curves, plot_grid, save_figure, subplots, weight_templates
+from .plots import WEIGHT_CMAP, colormaps, plot_curves, plot_grid, save_figure, subplots, template_rgb, weight_templates
 from .run import data_dir_for, eval_data
 
 REPORT_NAME = "report.html"
@@ -163,21 +163,41 @@ def calibration_reading(cal: dict) -> str:
 # --- figures ----------------------------------------------------------------------------------
 
 
+# Past this many classes the confusion matrix drops its per-cell numbers (they would not be legible)
+# and the weight templates are drawn smaller, ten to a row.
+MANY_CLASSES = 30
+
+
 def plot_weights(model, classes: list[str], path) -> Path:
-    """Each class's weight row as an image: where ink raises (red) or lowers (blue) its score."""
+    """Each class's weight row as an image: where ink raises (red) or lowers (blue) its score.
+
+    Colour models show each class's three channels as one RGB image on the same shared
+    scale (``plots.template_rgb``: mid-gray is zero).
+    """
     weights, limit = weight_templates(model)
     clipped = weights.abs().max().item() > limit  # arrows on the colour bar say so
-    cols = min(len(classes), 5)
+    many = len(classes) > MANY_CLASSES
+    cols = min(len(classes), 10 if many else 5)
     rows = -(-len(classes) // cols)
-    fig, axes = subplots(rows, cols, figsize=(2.1 * cols, 2.1 * rows + 0.6), squeeze=False, layout="constrained")
+    cell = 1.3 if many else 2.1
+    fig, axes = subplots(rows, cols, figsize=(cell * cols, cell * rows + 0.6), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
-    for ax, w, name in zip(axes.flat, weights, classes):
-        im = ax.imshow(w.numpy(), cmap=WEIGHT_CMAP, vmin=-limit, vmax=limit)
-        ax.set_title(name, fontsize=10)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, extend="both" if clipped else "neither",
-                 label="weight (red: evidence for, blue: against)")
-    fig.suptitle("Learned weight templates, one per class")
+    colour = weights.dim() == 4
+    shown = template_rgb(weights.numpy(), limit) if colour else weights.numpy()
+    for ax, w, name in zip(axes.flat, shown, classes):
+        if colour:
+            ax.imshow(w, interpolation="nearest")
+        else:
+            im = ax.imshow(w, cmap=WEIGHT_CMAP, vmin=-limit, vmax=limit)
+        ax.set_title(name, fontsize=7 if many else 10)
+    if colour:
+        fig.suptitle(f"Learned weight templates, one per class, as RGB images on one scale (±{limit:.3g}):\n"
+                     "mid-gray = 0, a channel brighter where that colour is evidence for the class", fontsize=10)
+    else:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, extend="both" if clipped else "neither",
+                     label="weight (red: evidence for, blue: against)")
+        fig.suptitle("Learned weight templates, one per class")
     return save_figure(fig, path)
 
 
@@ -187,21 +207,23 @@ def plot_confusion(cm: torch.Tensor, classes: list[str], path) -> Path:
 
     counts = cm.numpy()
     n = len(classes)
-    size = max(5.5, 0.62 * n + 2)
+    many = n > MANY_CLASSES
+    size = 0.16 * n + 4 if many else max(5.5, 0.62 * n + 2)
     fig, ax = subplots(figsize=(size + 1.2, size))
     cmap = colormaps["Blues"].with_extremes(bad="white")  # zero cells: no colour, and no number either
     masked = counts.astype(float)
     masked[masked == 0] = float("nan")
     norm = LogNorm(vmin=0.6, vmax=max(2, counts.max()))  # below 1, so a single mistake is tinted, unlike zero
     im = ax.imshow(masked, cmap=cmap, norm=norm)
-    for i in range(n):
+    for i in range(0 if many else n):  # many classes: the colours alone, numbers would not fit
         for j in range(n):
             if counts[i, j]:
                 dark = norm(counts[i, j]) > 0.6
                 ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=8 if n <= 12 else 6,
                         color="white" if dark else "black", fontweight="bold" if i == j else "normal")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), classes)
+    ticks = 5 if many else None
+    ax.set_xticks(range(n), classes, rotation=45 if not many else 90, ha="right", rotation_mode="anchor", fontsize=ticks)
+    ax.set_yticks(range(n), classes, fontsize=ticks)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"Confusion matrix on the test set ({int(counts.sum())} images)")
@@ -317,8 +339,7 @@ def _render_page(run, meta, config, history, split, result, cm, cal, figures) ->
         "<h2>Training curves</h2>",
         _img(figures["curves"], "training and validation loss and accuracy per epoch"),
         "<h2>What the model learned</h2>",
-        "<p>Each class's score is the sum of the pixels weighted by its template (plus a bias). Red pixels are "
-        "evidence for the class when inked, blue pixels evidence against it; all templates share one colour scale.</p>",
+        _weights_reading(meta),
         _img(figures["weights"], "weight template of each class"),
         "<h2>Errors on the test set</h2>",
         _img(figures["confusion"], "confusion matrix on the test set"),
@@ -338,6 +359,20 @@ def _render_page(run, meta, config, history, split, result, cm, cal, figures) ->
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
         f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def _weights_reading(meta: dict) -> str:
+    if len(meta.get("input_shape", [])) == 3:
+        return (
+            "<p>Each class's score is the sum of the pixel values weighted by its template (plus a bias), every "
+            "colour channel with its own weights. A template is drawn as an RGB image on one scale shared by all "
+            "classes and channels: mid-gray is a weight of zero, a channel brighter where that colour is evidence "
+            "for the class and darker where it is evidence against it.</p>"
+        )
+    return (
+        "<p>Each class's score is the sum of the pixels weighted by its template (plus a bias). Red pixels are "
+        "evidence for the class when inked, blue pixels evidence against it; all templates share one colour scale.</p>"
     )
 
 

@@ -19,14 +19,16 @@ import torch
 from . import __version__
 from .checkpoint import CHECKPOINT_NAME, save_model
 from .data import ImageSet, check_val_fraction, load_split, prepare_inputs, preprocessing_for, split_indices, subset_indices
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
 from .metrics import evaluate
 from .model import LogisticRegression
-from .settings import DATA_DEFAULTS, default_data_dir
+from .settings import CACHE_OPTIONS, CLASSIC_DECODE, DATA_DEFAULTS, DIGIT_STYLE, FOLDER_KINDS, IMAGE_OPTIONS, default_data_dir
 from .train import TrainConfig, fit, resolve_device
 
 FINAL_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # a run's last epoch, in summaries
+SOURCE_FILE = "source.json"  # folder and CSV runs: the decode settings and each split's files
+SKIPPED_FILE = "skipped.json"  # folder and CSV runs with unusable files: each one and why
 
 
 def default_config(**overrides) -> dict:
@@ -40,11 +42,70 @@ def default_config(**overrides) -> dict:
 
 
 def check_data_config(config: dict) -> None:
-    """Refuse a validation fraction or training subset no dataset could satisfy, before any work."""
+    """Refuse a validation fraction, training subset or dataset option that cannot work, before any work."""
+    from . import sources
+    from .sources.folder import check_test_fraction
+    from .sources.images import DecodeSettings, parse_image_size
+
     check_val_fraction(config["val_fraction"])
     subset = config.get("train_subset")
     if subset is not None and subset < 1:  # 0 must not quietly mean "all"
         raise UsageError(f"--train-subset must be at least 1, got {subset}")
+    sources.check_options(config["dataset"], dataset_options(config))
+    if config["dataset"] in FOLDER_KINDS:
+        DecodeSettings(parse_image_size(config.get("image_size")), config.get("resize") or "fit", config.get("color")).check()
+        if config.get("test_fraction") is not None:
+            check_test_fraction(config["test_fraction"])
+    if config.get("deskew") and CLASSIC_DECODE.get(config["dataset"], {}).get("color") == "rgb":
+        raise UsageError(f"--deskew works on grayscale images only; {config['dataset']} is colour")
+    if config.get("deskew") and config.get("color") == "rgb":
+        raise UsageError("--deskew works on grayscale images only; --color rgb makes colour ones (use --color gray)")
+
+
+def dataset_options(config: dict) -> dict:
+    """The ``load_split`` options a run's settings give its dataset.
+
+    Image options go to every dataset (``sources.check_options`` refuses those given for a
+    dataset without use for them); the held-out test split's seed only to folders and CSVs.
+    """
+    options = {k: config.get(k) for k in IMAGE_OPTIONS}
+    if config["dataset"] in FOLDER_KINDS:
+        options["seed"] = config.get("seed")
+    options.update(cache_dir=config.get("cache_dir"), no_cache=bool(config.get("no_cache")))
+    return options
+
+
+def load_training_data(config: dict, progress: bool = False, log=None) -> tuple[ImageSet, ImageSet | None]:
+    """The training split, and for a folder or CSV the test split from the same decode (else None)."""
+    name, options = config["dataset"], dataset_options(config)
+    if name not in FOLDER_KINDS:
+        return load_split(name, config["data_dir"], "train", download=config["download"], **options), None
+    from .sources import folder
+
+    # --test-fraction 0: everything trains, nothing is held out (so there is no test split to load)
+    splits = ("train",) if config.get("test_fraction") == 0 else ("train", "test")
+    sets = folder.load_splits(name, config["data_dir"], splits, progress=None if progress else False, log=log, **options)
+    return sets["train"], sets.get("test")
+
+
+def decode_record(name: str, data: ImageSet) -> dict | None:
+    """How a user's file is to be decoded for a model of dataset ``name``: None for digit-style datasets
+    (normalised as MNIST digits), else the size, resize mode and colour the dataset's images have."""
+    if name in DIGIT_STYLE:
+        return None
+    if name in FOLDER_KINDS:
+        return {k: data.source[k] for k in ("image_size", "resize", "color")}
+    return dict(CLASSIC_DECODE[name], image_size=list(data.input_shape[-2:]))
+
+
+def source_record(train: ImageSet, test: ImageSet | None) -> dict:
+    """A folder's or CSV's ``source.json``: where the images came from, how they were decoded, and
+    exactly which files each split holds, so evaluate and report later use the same test images."""
+    record = {k: v for k, v in train.source.items() if k not in ("files", "skipped")}
+    record["skipped"] = len(train.source["skipped"])
+    record["train_files"] = train.source["files"]
+    record["test_files"] = test.source["files"] if test is not None else []
+    return record
 
 
 def split_for(config: dict, n: int) -> dict:
@@ -76,8 +137,15 @@ def train_run(
     config.update(cfg.to_dict())  # record resolved defaults such as the optimizer's lr
     # absolute, so that evaluate, predict and report find the data from any folder
     config["data_dir"] = os.path.abspath(config["data_dir"])
+    if config.get("cache_dir"):
+        config["cache_dir"] = os.path.abspath(config["cache_dir"])
+    if config.get("image_size") is not None:  # as one form, [H, W], whatever form it was given in
+        from .sources.images import parse_image_size
+
+        config["image_size"] = list(parse_image_size(config["image_size"]))
     device = resolve_device(config["device"])
     out = Path(out) if out else default_run_dir("runs", config["dataset"])
+    log_warnings = log  # skipped files are worth a line even when progress is quiet (None: stderr)
     log = log or (lambda msg: None)
     if tensorboard:
         from .tensorboard import TensorBoardLogger, require
@@ -85,9 +153,9 @@ def train_run(
         require()  # a missing package fails before any work
 
     with staged_dir(out, overwrite) as stage:  # refuses an existing --out before any work
-        data = load_split(config["dataset"], config["data_dir"], "train", download=config["download"])
+        data, test = load_training_data(config, progress, log_warnings)
         split = split_for(config, len(data))
-        preprocessing = preprocessing_for(config["deskew"])
+        preprocessing = preprocessing_for(config["deskew"], decode_record(config["dataset"], data))
         x = prepare_inputs(data.images, preprocessing, device)
         y = data.labels.to(device)
         train_idx = torch.tensor(split["train_indices"], dtype=torch.long, device=device)
@@ -121,6 +189,10 @@ def train_run(
         record = dict(config, device_used=str(device), **_environment())
         write_json(stage / "config.json", record)
         write_json(stage / "split.json", split)
+        if config["dataset"] in FOLDER_KINDS:
+            write_json(stage / SOURCE_FILE, source_record(data, test))
+            if data.source["skipped"]:
+                write_json(stage / SKIPPED_FILE, data.source["skipped"])
         write_json(stage / "history.json", history)
         write_csv(stage / "history.csv", history)
         metadata = {
@@ -163,15 +235,23 @@ def _environment() -> dict:
     }
 
 
+def run_config(checkpoint: Path) -> dict:
+    """The ``config.json`` of the run a checkpoint belongs to; empty for a checkpoint on its own."""
+    config_file = Path(checkpoint).parent / "config.json"
+    return read_json(config_file) if config_file.is_file() else {}
+
+
 def data_dir_for(checkpoint: Path, data_dir=None) -> str:
     """The data folder for a checkpoint: ``data_dir`` if given, else ``$IMAGE_LOGREG_DATA`` if
     set, else where the checkpoint's run found its data, else ``./data``.
+
+    A folder or CSV run's own path comes before ``$IMAGE_LOGREG_DATA``, which names a folder
+    of the classic datasets, not the user's images.
     """
-    data_dir = data_dir or os.environ.get("IMAGE_LOGREG_DATA")
-    config_file = Path(checkpoint).parent / "config.json"
-    if not data_dir and config_file.is_file():
-        data_dir = read_json(config_file).get("data_dir")
-    return data_dir or default_data_dir()
+    config = run_config(checkpoint)
+    if not data_dir and config.get("dataset") not in FOLDER_KINDS:
+        data_dir = os.environ.get("IMAGE_LOGREG_DATA")
+    return data_dir or config.get("data_dir") or default_data_dir()
 
 
 def evaluate_model(model, meta: dict, data: ImageSet, device="cpu") -> dict:
@@ -181,19 +261,80 @@ def evaluate_model(model, meta: dict, data: ImageSet, device="cpu") -> dict:
 
 
 def eval_data(meta: dict, split: str, data_dir, checkpoint: Path, download: bool = True) -> ImageSet:
-    """The test set, or the run's own validation set (read back from its ``split.json``)."""
-    if split == "test":
-        return load_split(meta["dataset"], data_dir, "test", download=download)
-    if split != "val":
-        raise UsageError(f"unknown split {split!r}; choose from test, val")
-    split_file = checkpoint.parent / "split.json"
-    if not split_file.is_file():
-        raise UsageError(f"--split val needs the run's split.json beside {checkpoint.name}; none in {checkpoint.parent}")
-    indices = torch.tensor(read_json(split_file)["val_indices"], dtype=torch.long)
-    if not len(indices):
-        raise UsageError(f"{checkpoint.parent} has no validation split: it was trained with --val-fraction 0; use --split test")
-    data = load_split(meta["dataset"], data_dir, "train", download=download)
-    if len(indices) and int(indices.max()) >= len(data):
-        raise UsageError(f"{split_file} does not match the {meta['dataset']} training set in {data_dir}")
-    return ImageSet(data.images[indices], data.labels[indices], data.classes, data.dataset, "val")
+    """The test set, or the run's own validation set (read back from its ``split.json``).
 
+    A folder or CSV is loaded with the run's recorded options, and each split holds exactly
+    the files it held in training (``source.json``), wherever the files fall now.
+    """
+    if split not in ("test", "val"):
+        raise UsageError(f"unknown split {split!r}; choose from test, val")
+    checkpoint = Path(checkpoint)
+    if split == "val":
+        split_file = checkpoint.parent / "split.json"
+        if not split_file.is_file():
+            raise UsageError(f"--split val needs the run's split.json beside {checkpoint.name}; none in {checkpoint.parent}")
+        indices = torch.tensor(read_json(split_file)["val_indices"], dtype=torch.long)
+        if not len(indices):
+            raise UsageError(f"{checkpoint.parent} has no validation split: it was trained with --val-fraction 0; use --split test")
+    name = meta["dataset"]
+    if name in FOLDER_KINDS:
+        data = _recorded_split(meta, "test" if split == "test" else "train", data_dir, checkpoint)
+    else:
+        data = load_split(name, data_dir, "test" if split == "test" else "train", download=download)
+    if split == "test":
+        return data
+    if int(indices.max()) >= len(data):
+        raise UsageError(f"{checkpoint.parent / 'split.json'} does not match the {name} training set in {data_dir}")
+    return ImageSet(data.images[indices], data.labels[indices], data.classes, data.dataset, "val", source=data.source)
+
+
+def _recorded_split(meta: dict, split: str, data_dir, checkpoint: Path) -> ImageSet:
+    """A folder's or CSV's split as the run trained and held it out, decoded as the run decoded it."""
+    from .sources import folder
+
+    config = run_config(checkpoint)
+    if config:
+        options = dataset_options(config)
+    else:  # a checkpoint on its own: its recorded decode, the default test split with its seed
+        decode = (meta.get("preprocessing") or {}).get("image_files") or {}
+        options = {k: decode.get(k) for k in ("image_size", "resize", "color")}
+        options["seed"] = (meta.get("config") or {}).get("seed")
+    record_file = checkpoint.parent / SOURCE_FILE
+    record = read_json(record_file) if record_file.is_file() else None
+    splits = ("train", "test") if split == "test" or (record and record.get("test_files")) else ("train",)
+    # the skipped files were reported when the run was trained, and are listed in its skipped.json
+    sets = folder.load_splits(meta["dataset"], data_dir, splits, progress=False, log=_quiet, **options)
+    data = sets[split]
+    if list(data.input_shape) != list(meta["input_shape"]):
+        raise DataError(
+            f"{data_dir} now decodes to {'x'.join(map(str, data.input_shape))} images, but the model takes "
+            f"{'x'.join(map(str, meta['input_shape']))}; its images changed since training"
+        )
+    if data.classes != meta["classes"]:
+        raise DataError(f"{data_dir} now has the classes {', '.join(data.classes[:5])}..., not the model's")
+    files = record and record.get(f"{split}_files")
+    if not files or data.source["files"] == files:
+        return data
+    return _gather(sets, files, split, data_dir)
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _gather(sets: dict, files: list[str], split: str, data_dir) -> ImageSet:
+    """The recorded ``files`` in their recorded order, from wherever they fall in today's splits
+    (files added since training change a held-out split; the run's own stays the same)."""
+    names = [f for s in sets.values() for f in s.source["files"]]
+    where = {name: i for i, name in enumerate(names)}
+    missing = [f for f in files if f not in where]
+    if missing:
+        raise DataError(
+            f"{len(missing)} of the run's {len(files)} {split} images are no longer usable in {data_dir} "
+            f"(first: {missing[0]}); evaluate with the files the run was trained on"
+        )
+    chosen = torch.tensor([where[f] for f in files], dtype=torch.long)
+    images = torch.cat([s.images for s in sets.values()])[chosen]
+    labels = torch.cat([s.labels for s in sets.values()])[chosen]
+    first = next(iter(sets.values()))
+    return ImageSet(images, labels, first.classes, first.dataset, split, source=dict(first.source, files=list(files)))

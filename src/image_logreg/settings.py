@@ -12,6 +12,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from .errors import UsageError
+from .sources import FOLDER_KINDS, NAMES as SOURCE_NAMES
 
 # name -> torchvision's dataset class, which is also the dataset's folder under --data-dir
 DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -20,6 +21,17 @@ CLASSES = {
     "mnist": [f"{i} - {w}" for i, w in enumerate("zero one two three four five six seven eight nine".split())],
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
 }
+
+# Every dataset the command line knows: these two, plus folders, CSVs and the other classic
+# sets (from ``sources``, which imports nothing heavy either).
+DATASET_NAMES = (*DATASETS, *SOURCE_NAMES)
+# Datasets of centred gray glyphs on a dark ground, made as MNIST was: a user's image file is
+# brought into that form (``preprocess.prepare_image``). The others (folders, CSVs, CIFAR) are
+# photographs or anything at all: a file is decoded as the dataset's own files were.
+DIGIT_STYLE = ("mnist", "fashion-mnist", "kmnist", "emnist-letters", "emnist-balanced", "emnist-digits")
+# How CIFAR's 32x32 photographs are matched by a user's file of another size: scaled to cover
+# the square and cut to it, as CIFAR's own images are object-centred crops.
+CLASSIC_DECODE = {"cifar10": {"resize": "crop", "color": "rgb"}, "cifar100": {"resize": "crop", "color": "rgb"}}
 
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
 DEFAULT_LR = {"adam": 0.01, "sgd": 0.1, "lbfgs": 1.0}  # each tuned on MNIST and Fashion-MNIST
@@ -33,7 +45,18 @@ DATA_DEFAULTS = {
     "device": "auto",
     "download": True,
     "deskew": False,
+    # folder and CSV datasets only (None: decided by the images, or the default)
+    "image_size": None,
+    "resize": None,
+    "color": None,
+    "test_fraction": None,
+    # how a folder or CSV is loaded: the decoded-image cache
+    "cache_dir": None,
+    "no_cache": False,
 }
+# The settings above that ``load_split`` takes as options, and which of them decide the images.
+IMAGE_OPTIONS = ("image_size", "resize", "color", "test_fraction")
+CACHE_OPTIONS = ("cache_dir", "no_cache")
 
 # Named sets of settings; flags given on the command line override them.
 PRESETS = {
@@ -51,7 +74,7 @@ def dataset_folder(name: str) -> str:
     try:
         return DATASETS[name]
     except KeyError:
-        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}") from None
+        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASET_NAMES)}") from None
 
 
 def default_data_dir() -> str:

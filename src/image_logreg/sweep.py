@@ -26,7 +26,7 @@ SWEEP_SETTINGS = ("lr", "batch_size", "val_fraction", "train_subset", "optimizer
 SHORT = {"lr": "lr", "batch_size": "batch", "val_fraction": "val", "train_subset": "subset", "optimizer": "", "weight_decay": "wd"}
 # Settings besides the grid that decide what a run directory holds (with all of TrainConfig's):
 # a resumed run must agree on them.
-SAME_RUN = ("dataset", "val_fraction", "train_subset", "deskew")
+SAME_RUN = ("dataset", "val_fraction", "train_subset", "deskew", "image_size", "resize", "color", "test_fraction")
 ALL = "all"
 
 
@@ -109,10 +109,17 @@ def label(settings: dict, names) -> str:
 
 
 def check_config(config: dict) -> None:
-    """Reject flag values that no dataset could make work, before anything is trained."""
+    """Reject flag values that no dataset could make work, before anything is trained.
+
+    Also brings ``image_size`` to the form a run records ([H, W]), so resumed runs compare alike.
+    """
+    from .run import check_data_config
+    from .sources.images import parse_image_size
     from .train import TrainConfig
 
     TrainConfig.from_dict(config).check()
+    if config.get("image_size") is not None:
+        config["image_size"] = list(parse_image_size(config["image_size"]))
     if config["val_fraction"] == 0:  # the whole sweep is a comparison on the validation set
         raise UsageError("a sweep compares configurations by validation accuracy, so --val-fraction must be above 0; "
                          "train the chosen settings on all the data with `train --val-fraction 0`")
@@ -120,6 +127,7 @@ def check_config(config: dict) -> None:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}")
     if config["train_subset"] is not None and config["train_subset"] < 1:
         raise UsageError(f"--train-subset must be at least 1 or 'all', got {config['train_subset']}")
+    check_data_config(config)  # options the dataset has no use for, --deskew on colour
 
 
 # --- running it -------------------------------------------------------------------------------

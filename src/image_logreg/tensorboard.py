@@ -40,13 +40,17 @@ def require() -> None:
 
 
 def template_images(model) -> np.ndarray:
-    """``num_classes x H x W x 3`` float RGB images of the weights, diverging colours centred at 0."""
+    """``num_classes x H x W x 3`` float RGB images of the weights, diverging colours centred at 0
+    (a colour model's templates as RGB, mid-gray at 0: ``plots.template_rgb``)."""
     from matplotlib import colormaps
 
-    from .plots import WEIGHT_CMAP, weight_templates
+    from .plots import WEIGHT_CMAP, template_rgb, weight_templates
 
     weights, limit = weight_templates(model)
-    rgb = colormaps[WEIGHT_CMAP](np.clip(0.5 + 0.5 * weights.numpy() / limit, 0, 1))[..., :3]  # [-limit, limit] -> [0, 1]
+    if weights.dim() == 4:
+        rgb = template_rgb(weights.numpy(), limit)
+    else:
+        rgb = colormaps[WEIGHT_CMAP](np.clip(0.5 + 0.5 * weights.numpy() / limit, 0, 1))[..., :3]  # [-limit, limit] -> [0, 1]
     return np.repeat(np.repeat(rgb, UPSCALE, axis=1), UPSCALE, axis=2).astype(np.float32)
 
 

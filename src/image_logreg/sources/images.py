@@ -12,6 +12,7 @@ without it.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import struct
 import sys
@@ -99,26 +100,43 @@ class Decoded:
 # --- one file -------------------------------------------------------------------------------
 
 
+_TOO_LARGE = "image too large"
+
+
 class Unusable(Exception):
     """A file that is not a usable image; the message is the reason, one line."""
 
 
-def read_image(path: str | os.PathLike, settings: DecodeSettings) -> np.ndarray:
+def read_image(source: str | os.PathLike | bytes, settings: DecodeSettings, name: str | None = None) -> np.ndarray:
     """One file made as a dataset's images were: uint8 H x W (gray) or 3 x H x W (rgb).
 
-    ``settings`` must be complete, as a decoded dataset records them (its size and colour
-    decided), so a model trained on a folder sees a new file the way it saw its training
-    images. Raises ImageError naming the file.
+    ``source`` is a path, or a file's bytes as uploaded (then ``name`` is what errors call
+    it). ``settings`` must be complete, as a decoded dataset records them (its size and
+    colour decided), so a model trained on a folder sees a new file the way it saw its
+    training images. Raises ImageError naming the file (ImageTooLargeError for a
+    decompression bomb, as ``preprocess`` does).
     """
-    from ..errors import ImageError
+    from ..errors import ImageError, ImageTooLargeError
 
     if settings.image_size is None or settings.color is None:
         raise ValueError("read_image needs the image size and colour that the dataset settled on")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "upload"
+        if len(source) == 0:
+            raise ImageError(f"{label}: empty file")
+        opened = io.BytesIO(source)
+    else:
+        label = opened = str(source)
+        with contextlib.suppress(OSError):
+            if os.path.getsize(opened) == 0:
+                raise ImageError(f"{label}: empty file")
     with _pillow_warnings():
-        result = _decode_or_skip(str(path), settings.check(), None)
+        result = _decode_or_skip(opened, settings.check(), None)
     if result[0] == "skip":
-        raise ImageError(f"{path}: {result[1]}")
-    return result[1]
+        error = ImageTooLargeError if result[1].startswith(_TOO_LARGE) else ImageError
+        raise error(f"{label}: {result[1]}")
+    pixels = result[1]
+    return pixels if pixels.flags.writeable else pixels.copy()  # Pillow's own buffer is read-only; callers may write
 
 
 @contextlib.contextmanager
@@ -158,7 +176,7 @@ def _decode(path, settings, expected):
     except UnidentifiedImageError:
         raise Unusable("not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise Unusable(f"image too large (more than {Image.MAX_IMAGE_PIXELS} pixels)") from None
+        raise Unusable(f"{_TOO_LARGE} (more than {Image.MAX_IMAGE_PIXELS} pixels)") from None
     except FileNotFoundError:
         raise Unusable("no such file") from None
     except IsADirectoryError:
