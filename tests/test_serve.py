@@ -325,3 +325,27 @@ def test_serve_refuses_bad_setups_with_one_line(capsys, runs, tmp_path):
     (tmp_path / "empty").write_text("\n")
     code, out, err = run_cli(capsys, "serve", runs / "plain", "--token-file", tmp_path / "empty")
     assert_one_line_error(code, out, err, "is empty")
+
+
+def test_a_colour_model_is_served_as_its_dataset_was_made(capsys, tmp_path):
+    """A folder of red and blue images: infer takes 3 x H x W, /predict decodes and explains in colour."""
+    for label, colour in (("blue", (20, 40, 230)), ("red", (230, 30, 20))):
+        for i in range(6):
+            noisy = np.clip(np.array(colour) + np.random.default_rng(i).integers(-20, 20, (8, 8, 3)), 0, 255)
+            path = tmp_path / "shapes" / label / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(noisy.astype(np.uint8), "RGB").save(path)
+    train(capsys, tmp_path / "shapes", tmp_path / "run", "--dataset", "folder", "--epochs", "20", "--cache-dir", tmp_path / "cache")
+    models = load_models([f"colours={tmp_path / 'run'}"])
+    with TestClient(create_app(models, log=lambda line: None)) as client:
+        meta = client.get("/v2/models/colours").json()
+        assert meta["inputs"][0]["shape"] == [-1, 3, 8, 8] and meta["parameters"]["classes"] == ["blue", "red"]
+        red = np.zeros((1, 3, 8, 8), np.uint8)
+        red[:, 0] = 230
+        body = {"inputs": [{"name": "input", "shape": [1, 3, 8, 8], "datatype": "UINT8", "data": red.reshape(-1).tolist()}]}
+        assert client.post("/v2/models/colours/infer", json=body).json()["outputs"][1]["data"] == [1]
+        big_blue = png_bytes(np.tile(np.array([20, 40, 230], np.uint8), (40, 30, 1)))  # another size: resized as trained
+        result = client.post("/predict?explain=true", content=big_blue).json()[0]
+        assert result["label"] == "blue"
+        assert np.array(result["seen"]).shape == (8, 8, 3) and np.array(result["evidence"]).shape == (8, 8)
+        assert np.array(result["seen"])[..., 2].mean() > 150

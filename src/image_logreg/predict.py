@@ -66,9 +66,10 @@ def predict_images(
 def explain(model: LogisticRegression, images_uint8: torch.Tensor, meta: dict) -> list[dict]:
     """Why the model decided as it did, per image: what it saw and each pixel's evidence.
 
-    ``seen`` is the image after the model's own preprocessing (0-255); ``evidence`` is each
-    pixel's contribution to the top class's logit (input x weight), which with ``bias`` sums
-    to that logit. ``probabilities`` covers every class, in class order.
+    ``seen`` is the image after the model's own preprocessing (0-255), H x W, or H x W x 3 for
+    colour as images are shown; ``evidence`` is each pixel's contribution to the top class's
+    logit (input x weight, its channels added up: H x W), which with ``bias`` sums to that
+    logit. ``probabilities`` covers every class, in class order.
     """
     x = prepare_inputs(images_uint8, meta.get("preprocessing"), model.device)
     proba = model.predict_proba(x).cpu()
@@ -77,6 +78,8 @@ def explain(model: LogisticRegression, images_uint8: torch.Tensor, meta: dict) -
     weights = model.linear.weight.detach().cpu()[top]
     evidence = (flat * weights).reshape(x.shape)
     seen = (x.cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    if x.dim() == 4:  # N x C x H x W colour
+        evidence, seen = evidence.sum(dim=1), seen.permute(0, 2, 3, 1)
     bias = model.linear.bias.detach().cpu()[top]
     return [
         {"probabilities": p.tolist(), "seen": s.tolist(), "evidence": e.tolist(), "bias": float(b)}

@@ -299,8 +299,9 @@
   }
 
   // The image the model saw, as it saw it: white ink on black, one canvas pixel per input pixel.
+  // A gray image has one value per pixel; a colour one three (red, green, blue).
   function drawSeen(rows) {
-    paintPixels(ui.seen, rows, (v) => [v, v, v]);
+    paintPixels(ui.seen, rows, (v) => (Array.isArray(v) ? v : [v, v, v]));
   }
 
   // Red pushes towards the top class, blue against it; the scale is symmetric around 0 so white
