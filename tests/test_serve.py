@@ -349,3 +349,10 @@ def test_a_colour_model_is_served_as_its_dataset_was_made(capsys, tmp_path):
         assert result["label"] == "blue"
         assert np.array(result["seen"]).shape == (8, 8, 3) and np.array(result["evidence"]).shape == (8, 8)
         assert np.array(result["seen"])[..., 2].mean() > 150
+
+
+def test_made_up_methods_add_no_metric_series(client):
+    for i in range(5):
+        client.request(f"BREW{i}", "/v2/health/live")
+    text = client.get("/metrics").text
+    assert "BREW" not in text and 'method="other",status="405"} 5.0' in text

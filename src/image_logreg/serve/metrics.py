@@ -7,6 +7,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Milliseconds for a health check or one image, up to seconds for a large upload.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -26,10 +27,17 @@ class Metrics:
         self.images = Counter(
             "image_logreg_images_predicted", "Images predicted, by model", ["model"], registry=self.registry,
         )
+        self._series: dict[tuple, tuple] = {}
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, method, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        # Clients choose the method: any word outside HTTP's own would otherwise add a series for good.
+        method = method if method in METHODS else "other"
+        key = (endpoint, method, status)
+        series = self._series.get(key)
+        if series is None:  # looking labels up costs more than the counting itself: once per kind of request
+            series = self._series[key] = (self.requests.labels(endpoint, method, str(status)), self.latency.labels(endpoint))
+        series[0].inc()
+        series[1].observe(seconds)
 
     def predicted(self, model: str, n: int) -> None:
         self.images.labels(model).inc(n)
