@@ -73,3 +73,19 @@ def test_each_benchmark_replaces_only_its_own_block(tmp_path):
     text = results.read_text()
     assert "second table" in text and "first table" not in text and "serving table" in text
     assert text.count("## Training") == 1 and text.index("second table") < text.index("serving table")
+
+
+def test_folder_speed_times_every_load(real_data, tmp_path):
+    """On a small exported subset: the script exports, loads three ways and reports; the ratios mean nothing here."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "folder_speed.py"), "--data-dir", str(real_data), "--limit", "300",
+         "--repeats", "1", "--no-workers-row", "--json", str(tmp_path / "folder.json")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: a target missed, as on a subset it may be
+    import json
+
+    figures = json.loads((tmp_path / "folder.json").read_text())["figures"]
+    assert set(figures) == {"torchvision", "first_load", "cached_load"}
+    assert all(f["seconds"] > 0 and f["images"] == 600 and f["peak_rss_mib"] > 0 for f in figures.values())
+    assert "| image-logreg, cached load |" in done.stdout
