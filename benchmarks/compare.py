@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import epoch_speed  # noqa: E402  (the tutorial's pipeline, reproduced)
-from sections import replace_block  # noqa: E402
+from sections import cpu_name, replace_block  # noqa: E402
 
 from image_logreg import LogisticRegression, TrainConfig, fit, load_split, split_indices  # noqa: E402
 from image_logreg.data import prepare_inputs, preprocessing_for  # noqa: E402
@@ -43,12 +43,7 @@ DATASETS = ("mnist", "fashion-mnist")
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "date": date.today().isoformat()}
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "date": date.today().isoformat()}
 
 
 def load(dataset: str, data_dir, quick: bool):

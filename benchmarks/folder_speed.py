@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sections import replace_block  # noqa: E402
+from sections import machine, replace_block  # noqa: E402
 
 TARGETS = {"first_load": 2.0, "cached_load": 20.0}  # times faster than the torchvision pass
 REFERENCE = "torchvision"
@@ -180,18 +179,6 @@ def measure(folder: Path, repeats: int, workers_row: bool) -> dict:
 # --- the report ------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from importlib.metadata import version
-
-    return (f"{cpu}, {os.cpu_count()} cores, torch {version('torch')}, torchvision {version('torchvision')}, "
-            f"Python {platform.python_version()}")
-
-
 def met(figures: dict) -> dict[str, bool]:
     return {row: figures[row]["speedup"] >= target for row, target in TARGETS.items()}
 
@@ -200,7 +187,7 @@ def render(figures: dict, repeats: int, reproduce: str) -> str:
     images = figures[REFERENCE]["images"]
     ok = met(figures)
     lines = [
-        f"Measured {date.today().isoformat()} on {machine()}; {images:,} PNG files (MNIST, both splits); "
+        f"Measured {date.today().isoformat()} on {machine('torch', 'torchvision')}; {images:,} PNG files (MNIST, both splits); "
         f"median of {repeats} runs, each a fresh process.",
         f"Reproduce: `{reproduce}`.",
         "",

@@ -1,9 +1,27 @@
-"""Replace one marked block of a Markdown file, so each benchmark updates only its own figures."""
+"""What the benchmark reports share: the machine they ran on, and replacing one marked block of a
+Markdown file, so each benchmark updates only its own figures."""
 
 from __future__ import annotations
 
 import os
+import platform
+from importlib.metadata import version
 from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The processor's model name where Linux tells it (``platform`` only says the architecture)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def machine(*packages: str) -> str:
+    """``AMD EPYC ..., 2 cores, torch 2.14.1, Python 3.11.7``, naming the versions of ``packages``."""
+    versions = "".join(f", {name} {version(name)}" for name in packages)
+    return f"{cpu_name()}, {os.cpu_count()} cores{versions}, Python {platform.python_version()}"
 
 
 def replace_block(path: Path, name: str, text: str, title: str | None = None) -> None:

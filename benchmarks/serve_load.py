@@ -24,8 +24,6 @@ import argparse
 import asyncio
 import io
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,7 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sections import replace_block  # noqa: E402
+from sections import machine, replace_block  # noqa: E402
 
 CONCURRENCY = 8
 TIME_LIMIT = 120.0  # seconds per scenario, whatever the request count
@@ -217,11 +215,9 @@ def parser_name(http: str) -> str:
 
 
 def render(figures: dict) -> str:
-    import torch
 
     lines = [
-        f"Measured {date.today()} on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, Python {platform.python_version()}, HTTP parser {parser_name(figures['http'])}; "
+        f"Measured {date.today()} on {machine('torch', 'fastapi', 'uvicorn')}, HTTP parser {parser_name(figures['http'])}; "
         "server and load generator share the machine.",
         f"Reproduce: `python benchmarks/serve_load.py --data-dir ../shared/data --update-results` "
         f"({figures['count']:,} requests per scenario, {figures['batch_count']} for batches; {CONCURRENCY} concurrent).",

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sections import replace_block  # noqa: E402
+from sections import machine, replace_block  # noqa: E402
 
 MARGIN = 0.5  # seconds over `import torch` allowed to --help and predict
 VERSION_LIMIT = 0.3  # seconds for --version
@@ -98,20 +96,9 @@ def train_quick_run(data_dir, out: Path) -> Path:
     return out
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    from importlib.metadata import version
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {version('torch')}, Python {platform.python_version()}"
-
-
 def render(figures: dict[str, dict], limits: dict[str, float], repeats: int) -> str:
     lines = [
-        f"Measured {date.today().isoformat()} on {machine()}; median of {repeats} runs, each a fresh process.",
+        f"Measured {date.today().isoformat()} on {machine('torch')}; median of {repeats} runs, each a fresh process.",
         "Reproduce: `python benchmarks/startup.py --update-results`.",
         "",
         "| command | seconds | target | |",

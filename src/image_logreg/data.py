@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError, UsageError
-from .settings import CLASSES, DATASETS, dataset_folder
+from .settings import CLASSES, DATASETS, dataset_folder  # noqa: F401  (DATASETS: importable from here too)
 
 SPLITS = ("train", "test")
 

@@ -23,7 +23,7 @@ from .errors import DataError, UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
 from .metrics import evaluate
 from .model import LogisticRegression
-from .settings import CACHE_OPTIONS, CLASSIC_DECODE, DATA_DEFAULTS, DIGIT_STYLE, FOLDER_KINDS, IMAGE_OPTIONS, default_data_dir
+from .settings import CLASSIC_DECODE, DATA_DEFAULTS, DIGIT_STYLE, FOLDER_KINDS, IMAGE_OPTIONS, default_data_dir
 from .train import TrainConfig, fit, resolve_device
 
 FINAL_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # a run's last epoch, in summaries
