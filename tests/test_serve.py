@@ -231,6 +231,7 @@ def test_predict_errors_name_the_problem(client, tmp_path):
     assert_error(client.post("/predict?model=nope", content=user_digit(1)), 404, "unknown model")
     assert_error(client.post("/predict?top_k=0", content=user_digit(1)), 400, "top_k")
     assert_error(client.post("/predict?top_k=abc", content=user_digit(1)), 400, "top_k")
+    assert_error(client.post("/predict", params={"top_k": "²"}, content=user_digit(1)), 400, "top_k")  # a digit to isdigit()
     assert_error(client.post("/predict", files=[("other", ("a.png", user_digit(1), "image/png"))]), 400, "'files'")
 
 

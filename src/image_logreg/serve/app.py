@@ -195,16 +195,20 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
 def _predict_options(query) -> tuple[str | None, int, bool, bool, str | None]:
-    top_k = query.get("top_k", "3")
-    if not top_k.strip().lstrip("+").isdigit() or int(top_k) < 1:
-        raise ProtocolError(f"top_k: must be a whole number of at least 1, got {top_k!r}")
+    given = query.get("top_k", "3")
+    try:
+        top_k = int(given)
+    except ValueError:  # str.isdigit() would let '²' through to int()
+        top_k = 0
+    if top_k < 1:
+        raise ProtocolError(f"top_k: must be a whole number of at least 1, got {given!r}")
     flags = []
     for name, default in (("normalize", True), ("explain", False)):
         value = query.get(name, str(default)).strip().lower()
         if value not in _TRUE | _FALSE:
             raise ProtocolError(f"{name}: must be true or false, got {query.get(name)!r}")
         flags.append(value in _TRUE)
-    return query.get("model"), int(top_k), flags[0], flags[1], query.get("filename")
+    return query.get("model"), top_k, flags[0], flags[1], query.get("filename")
 
 
 async def _uploads(request: Request, filename: str | None, max_images: int) -> list[tuple[str, bytes]]:
