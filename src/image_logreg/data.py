@@ -198,19 +198,20 @@ def decode_settings_of(preprocessing: dict | None) -> dict | None:
 
 
 def prepare_inputs(images: torch.Tensor, preprocessing: dict | None, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 images to the float tensor the model sees, as its recorded ``preprocessing`` says.
+    """uint8 images (0-255) to the float tensor the model sees, as its recorded ``preprocessing`` says.
 
     Training, evaluation and prediction all come through here, so a model is always fed
-    what it was trained on.
+    what it was trained on. Floating images (the served protocol's FP32) are taken as
+    already scaled to 0-1, and get the same steps but the scaling.
     """
-    images = images.to(device)
+    images = images.to(device) if images.dtype == torch.uint8 else images.to(device, torch.float32)
     if preprocessing and preprocessing.get("deskew"):
         if images.dim() == 4:  # N x C x H x W: deskewing measures the slant of gray strokes
             raise UsageError("--deskew works on grayscale images only; these are colour (use --color gray)")
         from .deskew import deskew
 
         images = deskew(images)
-    return to_float(images, device)
+    return to_float(images, device) if images.dtype == torch.uint8 else images
 
 
 def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

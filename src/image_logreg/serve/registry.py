@@ -38,14 +38,7 @@ class ServedModel:
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """What the model sees: uint8 0-255 or float 0-1 images, through its own preprocessing."""
-        if images.dtype == torch.uint8:
-            return prepare_inputs(images, self.meta.get("preprocessing"), self.model.device)
-        x = images.to(self.model.device, torch.float32)
-        if self.deskew:
-            from ..deskew import deskew
-
-            x = deskew(x)
-        return x
+        return prepare_inputs(images, self.meta.get("preprocessing"), self.model.device)
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
