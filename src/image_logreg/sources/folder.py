@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 
@@ -300,14 +301,14 @@ def _csv_row(row: list[str], columns: tuple, csv_path: Path, line: int) -> tuple
 
 def _stat_file(path: Path) -> tuple[tuple[int, int], str | None]:
     try:
-        stat = path.stat()
+        info = path.stat()
     except FileNotFoundError:
         return (-1, -1), "broken symbolic link" if path.is_symlink() else "no such file"
     except OSError as error:
         return (-1, -1), f"cannot be read ({error.strerror or type(error).__name__})"
-    if not path.is_file():
-        return (-1, -1), "is a folder, not an image file" if path.is_dir() else "not a regular file"
-    return (stat.st_size, stat.st_mtime_ns), None
+    if not S_ISREG(info.st_mode):  # the stat in hand, not another one through is_file()
+        return (-1, -1), "is a folder, not an image file" if S_ISDIR(info.st_mode) else "not a regular file"
+    return (info.st_size, info.st_mtime_ns), None
 
 
 def _check_every_class_has_files(listing: Listing) -> None:
