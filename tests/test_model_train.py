@@ -42,7 +42,7 @@ def test_fit_lowers_loss_and_learns(toy_data, cfg):
     model = LogisticRegression()
     before = torch.nn.functional.cross_entropy(model(xv), yv).item()
     history = fit(model, x, y, xv, yv, cfg)
-    assert len(history) == cfg.epochs or history[-1].get("converged")
+    assert len(history) == cfg.epochs_for(len(x)) or history[-1].get("converged")
     assert history[-1]["val_loss"] < before * 0.5
     assert history[-1]["val_accuracy"] > 0.9
     assert set(history[0]) >= {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "lr"}
@@ -70,6 +70,20 @@ def test_divergence_names_the_learning_rate(toy_data):
     cfg = TrainConfig(optimizer="sgd", lr=1e38, epochs=3, schedule="constant")
     with pytest.raises(DivergedError, match=r"learning rate 1e\+38.*--lr"):
         fit(LogisticRegression(), *toy_tensors(toy_data), cfg)
+
+
+def test_default_epochs_make_at_least_mnists_step_count():
+    """5 epochs where an epoch is hundreds of steps (MNIST's settings are unchanged); on a small set,
+    as many epochs as make MNIST's 1,875 steps. An explicit --epochs always wins."""
+    auto = TrainConfig()
+    assert auto.epochs_for(48_000) == 5 and auto.epochs_for(60_000) == 5  # MNIST and all of it
+    assert auto.epochs_for(1_150) == 209  # scikit-learn's digits: 9 steps per epoch
+    assert auto.epochs_for(6) == 1875  # one step per epoch
+    assert all(math.ceil(n / 128) * auto.epochs_for(n) >= 1875 for n in range(1, 50_000, 97))
+    assert TrainConfig(epochs=3).epochs_for(1_150) == 3
+    assert TrainConfig(optimizer="lbfgs").epochs_for(1_150) == 5  # a full-batch step is not a minibatch step
+    history = fit(LogisticRegression((2, 2), 2), torch.rand(300, 2, 2), torch.randint(0, 2, (300,)), None, None)
+    assert len(history) == auto.epochs_for(300) == 625
 
 
 @pytest.mark.parametrize(

@@ -363,26 +363,29 @@ def export_digits(root: Path):
     return digits
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "measured gap: the defaults (tuned on 60,000 MNIST images: 5 epochs, 20% validation) take 45 steps on "
-    "these 1,150 training images and reach 0.877 against scikit-learn's 0.964 on the same split"
-))
 def test_sklearn_digits_defaults_reach_sklearn_logistic_regression(tmp_path, capsys):
+    """Over five seeded splits (one split of 359 test images moves by 0.3% per image), the defaults
+    score at least scikit-learn's LogisticRegression(max_iter=1000) on the same splits, and are
+    never far behind on any one of them."""
     pytest.importorskip("sklearn")
     from sklearn.linear_model import LogisticRegression
 
     digits = export_digits(tmp_path / "digits")
-    run = tmp_path / "run"
-    train_folder(capsys, tmp_path / "digits", run)  # the defaults: a seeded, stratified 20% test split
-    ours = cli_json(capsys, "evaluate", run)["accuracy"]
-
-    source = json.loads((run / "source.json").read_text())
     number = lambda files: [int(Path(f).stem) for f in files]  # noqa: E731
-    train, test = number(source["train_files"]), number(source["test_files"])
-    assert len(test) == 359 and not set(train) & set(test)
-    theirs = LogisticRegression(max_iter=1000).fit(digits.data[train], digits.target[train])
-    sklearn_accuracy = theirs.score(digits.data[test], digits.target[test])
+    ours, theirs = [], []
+    for seed in range(5):
+        run = tmp_path / f"run-{seed}"
+        summary = train_folder(capsys, tmp_path / "digits", run, "--seed", str(seed))  # otherwise the defaults
+        assert summary["epochs"] == 209  # 9 steps per epoch: as many epochs as make MNIST's 1,875 steps
+        ours.append(cli_json(capsys, "evaluate", run)["accuracy"])
+        source = json.loads((run / "source.json").read_text())
+        train, test = number(source["train_files"]), number(source["test_files"])
+        assert len(test) == 359 and not set(train) & set(test)
+        reference = LogisticRegression(max_iter=1000).fit(digits.data[train], digits.target[train])
+        theirs.append(reference.score(digits.data[test], digits.target[test]))
     with capsys.disabled():
-        print(f"\nsklearn digits, test accuracy on the same {len(test)} images: image-logreg defaults {ours:.4f}, "
-              f"LogisticRegression(max_iter=1000) {sklearn_accuracy:.4f}")
-    assert ours >= sklearn_accuracy
+        print(f"\nsklearn digits, test accuracy over 5 splits of 359 images: image-logreg defaults "
+              f"{' '.join(f'{a:.4f}' for a in ours)} (mean {np.mean(ours):.4f}), LogisticRegression(max_iter=1000) "
+              f"{' '.join(f'{a:.4f}' for a in theirs)} (mean {np.mean(theirs):.4f})")
+    assert np.mean(ours) >= np.mean(theirs)
+    assert min(a - b for a, b in zip(ours, theirs)) > -0.02  # within 7 images on every split

@@ -44,7 +44,7 @@ def test_the_package_still_offers_its_functions():
     """Its names are imported on first use, yet read as before."""
     import image_logreg
 
-    assert image_logreg.TrainConfig().epochs == 5 and callable(image_logreg.fit)
+    assert image_logreg.TrainConfig().batch_size == 128 and callable(image_logreg.fit)
     assert set(image_logreg.__all__) <= set(dir(image_logreg))
     from image_logreg import LogisticRegression, load_split  # noqa: F401
 

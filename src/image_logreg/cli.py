@@ -345,7 +345,10 @@ def open_model(args):
 
 def build_parser() -> argparse.ArgumentParser:
     # plain data only: building the parser must not import torch (--version, --help answer at once)
-    from .settings import DATA_DEFAULTS, DATASET_NAMES, DEFAULT_LR, OPTIMIZERS, PRESETS, SCHEDULES, TrainConfig, default_data_dir
+    from .settings import (
+        DATA_DEFAULTS, DATASET_NAMES, DEFAULT_EPOCHS, DEFAULT_LR, MIN_DEFAULT_STEPS, OPTIMIZERS, PRESETS, SCHEDULES,
+        TrainConfig, default_data_dir,
+    )
     from .sources.images import COLORS, RESIZE_MODES
 
     defaults = TrainConfig()
@@ -381,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_flags(p):
         """What train and sweep share: how long, from which seed, on what inputs and device."""
-        p.add_argument("--epochs", type=int, default=None, help=f"(default: {defaults.epochs})")
+        p.add_argument("--epochs", type=int, default=None, help=(
+            f"(default: {DEFAULT_EPOCHS}, or more on a small training set: enough for {MIN_DEFAULT_STEPS:,} steps)"
+        ))
         p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
         p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")

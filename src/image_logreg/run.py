@@ -8,6 +8,7 @@ and ``history.csv`` (per-epoch metrics), ``model.safetensors`` (weights + metada
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -161,6 +162,7 @@ def train_run(
         train_idx = torch.tensor(split["train_indices"], dtype=torch.long, device=device)
         val_idx = torch.tensor(split["val_indices"], dtype=torch.long, device=device)  # may be empty: --val-fraction 0
 
+        cfg.epochs = config["epochs"] = cfg.epochs_for(len(train_idx))  # recorded as trained, not as "default"
         torch.manual_seed(cfg.seed)
         model = LogisticRegression(data.input_shape, len(data.classes)).to(device)
         validating = f"validating on {len(val_idx)}" if len(val_idx) else "no validation set"
@@ -170,11 +172,16 @@ def train_run(
         if tensorboard:  # inside the staging dir by default, so the events move with the run
             board = TensorBoardLogger(stage / "tensorboard" if tensorboard is True else Path(tensorboard) / out.name)
 
+        # a small set's hundreds of short epochs: about 20 lines (L-BFGS may stop early: every line)
+        every = 1 if cfg.optimizer == "lbfgs" else math.ceil(cfg.epochs / 20)
+
         def report(h):
-            val = f"val loss {h['val_loss']:.4f} acc {h['val_accuracy']:.4f}  " if "val_loss" in h else ""
-            log(f"epoch {h['epoch']:>3}/{cfg.epochs}  train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f}  {val}{h['seconds']:.2f}s")
             if board:
                 board.on_epoch(h)
+            if h["epoch"] % every and h["epoch"] != cfg.epochs:
+                return
+            val = f"val loss {h['val_loss']:.4f} acc {h['val_accuracy']:.4f}  " if "val_loss" in h else ""
+            log(f"epoch {h['epoch']:>3}/{cfg.epochs}  train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f}  {val}{h['seconds']:.2f}s")
 
         start = time.perf_counter()
         try:

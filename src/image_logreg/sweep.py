@@ -303,7 +303,8 @@ def _title(fixed: dict) -> str:
     from .run import default_config
 
     c = default_config(**fixed)
-    return f"{c['dataset']} sweep, {c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}, seed {c['seed']}"
+    epochs = "default epochs" if c["epochs"] is None else f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}"
+    return f"{c['dataset']} sweep, {epochs}, seed {c['seed']}"
 
 
 # --- reports ----------------------------------------------------------------------------------

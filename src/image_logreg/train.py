@@ -85,8 +85,9 @@ def fit(
     if validate:
         x_val, y_val = x_val.to(device), y_val.to(device)
     optimizer = make_optimizer(model, cfg)
+    epochs = cfg.epochs_for(len(x_train))
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    schedule = make_schedule(optimizer, cfg, steps_per_epoch * cfg.epochs)
+    schedule = make_schedule(optimizer, cfg, steps_per_epoch * epochs)
     targets = F.one_hot(y_train, model.num_classes).to(x_train.dtype)
     shuffler = torch.Generator().manual_seed(cfg.seed)
     show = progress and sys.stderr.isatty()
@@ -95,7 +96,7 @@ def fit(
     history = []
     rows_per_step = min(cfg.batch_size, len(x_train)) if minibatch else len(x_train)
     with _single_thread(device.type == "cpu" and rows_per_step * x_train.shape[1] < SMALL_STEP):
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             extra = {}
@@ -105,7 +106,7 @@ def fit(
                 if show:
                     from tqdm import tqdm  # only when a bar is drawn: tqdm's import is not free
 
-                    batches = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, file=sys.stderr)
+                    batches = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, file=sys.stderr)
                 train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, x_train, y_train, targets, order, cfg.batch_size, batches)
             else:
                 grad_max = _lbfgs_epoch(model, optimizer, x_train, y_train, cfg.weight_decay)
