@@ -194,3 +194,81 @@ def test_onnx_matches_on_the_whole_mnist_test_set(capsys, mnist_run, real_data, 
         record_property(f"{run.name}_max_abs_difference", diff)  # the figure the README quotes (--junitxml)
         assert diff < TOLERANCE, diff
         assert np.array_equal(got.argmax(1), want.argmax(1))
+
+
+# --- folder models: colour, and gray of other sizes ------------------------------------------
+
+FOLDER_MODELS = {  # --image-size never square, so a swapped H and W would show
+    "rgb": (True, (10, 14), []),
+    "gray": (False, (12, 16), []),
+    "gray-deskew": (False, (12, 16), ["--deskew"]),
+}
+
+
+def dims(value_info):
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("kind", list(FOLDER_MODELS))
+def test_folder_models_export_their_own_shape_and_match_predict(capsys, tmp_path, kind, record_property):
+    """A colour folder model (uint8 N x 3 x H x W) and gray ones of a size not 28 x 28: the ONNX
+    and TorchScript files take the model's own uint8 shape and give predict's probabilities."""
+    from image_logreg.checkpoint import load_model
+    from image_logreg.predict import prepare_file
+    from test_own_images import make_folder
+
+    color, (h, w), extra = FOLDER_MODELS[kind]
+    shape = [3, h, w] if color else [h, w]
+    data = make_folder(tmp_path / "data", classes=3, per_class=4, color=color, size=20)  # 20 x 20 files, fitted
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "--dataset", "folder", "--data-dir", data, "--out", run,
+                           "--image-size", f"{h}x{w}", "--epochs", "5", "--cache-dir", tmp_path / "cache",
+                           "--quiet", "--no-download", *extra)
+    assert code == 0, err
+    model, meta = load_model(run)
+    assert meta["input_shape"] == shape and meta["classes"] == ["class000", "class001", "class002"]
+
+    out = tmp_path / "model.onnx"
+    summary = export(capsys, run, out)
+    assert summary["input"] == {"name": "input", "dtype": "uint8", "shape": ["batch", *shape]}
+    assert summary["output"]["shape"] == ["batch", 3] and summary["deskew"] == bool(extra)
+    graph = onnx.load(str(out))
+    (inp,), (outp,) = graph.graph.input, graph.graph.output
+    assert inp.name == "input" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims(inp) == ["batch", *shape] and dims(outp) == ["batch", 3]
+    props = {p.key: json.loads(p.value) for p in graph.metadata_props}
+    assert props["input"] == {"name": "input", "dtype": "uint8", "shape": ["batch", *shape]}
+    assert props["input_shape"] == shape and props["dataset"] == "folder" and props["classes"] == meta["classes"]
+    assert props["preprocessing"]["image_files"]["color"] == ("rgb" if color else "gray")
+
+    # The folder's own files decoded as predict decodes them, and random pixels over all of 0..255.
+    files = sorted(data.rglob("*.png"))
+    decoded = np.stack([prepare_file(model, meta, f) for f in files])
+    noise = np.random.default_rng(0).integers(0, 256, (9, *shape), dtype=np.uint8)
+    assert decoded.dtype == np.uint8 and decoded.shape == (len(files), *shape)
+    code, stdout, err = run_cli(capsys, "predict", run, *files, "--top-k", "3", "--json")
+    assert code == 0, err
+    predicted = json.loads(stdout)
+    by_predict = np.zeros((len(files), 3), dtype=np.float32)
+    for row, prediction in zip(by_predict, predicted):
+        for entry in prediction["top_k"]:
+            row[entry["index"]] = entry["probability"]
+
+    torchscript = tmp_path / "model.pt"
+    export(capsys, run, torchscript, "--format", "torchscript")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(torchscript))
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for batch, want in ((decoded, by_predict), (decoded[:1], by_predict[:1]), (noise, reference(run, noise))):
+        for got in (session.run(["probabilities"], {"input": batch})[0], module(torch.from_numpy(batch)).numpy()):
+            assert got.shape == want.shape == (len(batch), 3)
+            diff = float(np.abs(got - want).max())
+            assert diff < TOLERANCE, diff
+            assert np.array_equal(got.argmax(1), want.argmax(1))
+            worst = max(worst, diff)
+    labels = [meta["classes"][i] for i in session.run(["probabilities"], {"input": decoded})[0].argmax(1)]
+    assert labels == [p["label"] for p in predicted]
+    record_property(f"{kind}_max_abs_difference", worst)

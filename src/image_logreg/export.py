@@ -1,6 +1,7 @@
 """Export a model to run without image-logreg: ONNX (onnxruntime, any language) or TorchScript.
 
-The exported graph takes the images as the dataset stores them (uint8, ``N x H x W``, any N),
+The exported graph takes the images as the dataset stores them (uint8, ``N x H x W``, or
+``N x 3 x H x W`` for a colour model; any N, H and W the model's own),
 applies the model's own preprocessing inside (deskewing for ``--deskew`` models, then
 ``x / 255``) and returns ``probabilities`` (``N x K``). Both formats trace the very functions
 that training and ``evaluate`` run, so what a user feeds the file is what the model was
