@@ -357,3 +357,52 @@ def test_made_up_methods_add_no_metric_series(client):
         client.request(f"BREW{i}", "/v2/health/live")
     text = client.get("/metrics").text
     assert "BREW" not in text and 'method="other",status="405"} 5.0' in text
+
+
+# --- the hot routes: answered in front of FastAPI, alike ------------------------------------
+
+
+def test_hot_routes_answer_as_the_fastapi_routes_do(models):
+    """``infer`` and ``/predict`` are answered before FastAPI sees them; FastAPI's own routes for
+    them (what the OpenAPI document describes) must give the same answers, errors included."""
+    from image_logreg.serve.hot import HotRoutes
+
+    served = create_app(models, log=lambda line: None)
+    fastapi_only = served.app
+    assert isinstance(fastapi_only, HotRoutes)
+    requests = [
+        ("post", "/v2/models/plain/infer", {"json": infer_body(toy_images(2), id="a")}),
+        ("post", "/v2/models/deskewed/versions/1/infer", {"json": infer_body(toy_images(1), outputs=[{"name": "class_index"}])}),
+        ("post", "/v2/models/plain/infer", {"json": infer_body(toy_images(1), datatype="FP32")}),
+        ("post", "/v2/models/plain/infer", {"json": {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [True] * 784}]}}),
+        ("post", "/v2/models/plain/infer", {"json": infer_body(toy_images(1)), "headers": {"Inference-Header-Content-Length": "10"}}),
+        ("post", "/v2/models/nope/infer", {"json": infer_body(toy_images(1))}),
+        ("post", "/v2/models/plain/versions/2/infer", {"json": infer_body(toy_images(1))}),
+        ("post", "/v2/models/plain/infer", {"content": b"{not json"}),
+        ("post", "/predict?top_k=2", {"content": user_digit(2)}),
+        ("post", "/predict?model=deskewed&explain=true", {"content": png_bytes(toy_images(1)[0])}),
+        ("post", "/predict", {"files": [("files", ("a.png", user_digit(1), "image/png")), ("files", ("b.png", user_digit(5), "image/png"))]}),
+        ("post", "/predict", {"content": b"hello", "headers": {"Content-Type": "image/png"}}),
+        ("post", "/predict?top_k=x", {"content": user_digit(1)}),
+        ("post", "/predict", {"json": {"x": 1}}),
+    ]
+    with TestClient(served) as hot, TestClient(fastapi_only.app) as plain:
+        for method, path, kwargs in requests:
+            a, b = getattr(hot, method)(path, **kwargs), getattr(plain, method)(path, **kwargs)
+            assert (a.status_code, a.json()) == (b.status_code, b.json()), path
+            assert a.headers["content-type"] == "application/json"
+        # paths the hot layer does not own still reach FastAPI: the method, an empty name
+        assert_error(hot.get("/predict"), 405, "method GET")
+        assert_error(hot.post("/v2/models//infer", json=infer_body(toy_images(1))), 404, "not found")
+
+
+def test_a_bug_in_a_hot_route_is_a_logged_500_in_one_line(models, monkeypatch, caplog):
+    from image_logreg.serve import app as app_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module.Inference, "infer", broken)
+    with TestClient(create_app(models, log=lambda line: None), raise_server_exceptions=False) as client:
+        assert_error(client.post("/v2/models/plain/infer", json=infer_body(toy_images(1))), 500, "internal error")
+    assert "a bug" in caplog.text

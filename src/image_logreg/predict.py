@@ -14,8 +14,8 @@ def top_k(model: LogisticRegression, x: torch.Tensor, classes: list[str], k: int
     proba = model.predict_proba(x.to(model.device)).cpu()
     values, indices = proba.topk(min(k, len(classes)), dim=1)
     return [
-        [{"label": classes[i], "index": int(i), "probability": float(p)} for p, i in zip(row_p.tolist(), row_i.tolist())]
-        for row_p, row_i in zip(values, indices)
+        [{"label": classes[i], "index": i, "probability": p} for p, i in zip(row_p, row_i)]
+        for row_p, row_i in zip(values.tolist(), indices.tolist())
     ]
 
 

@@ -9,6 +9,7 @@ repeats the steps that made MNIST.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import warnings
@@ -89,11 +90,16 @@ def read_grayscale(source: str | Path | bytes, name: str | None = None) -> np.nd
     ``source`` is a file path, or the file's bytes as uploaded (then ``name`` is what
     errors call it). Both go through the same decoder and the same checks.
     """
+    return _read(source, name, _to_gray_array)
+
+
+def _read(source: str | Path | bytes, name: str | None, convert):
+    """``convert(image)`` of the decoded, upright image; errors name the file."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "upload"
         if len(source) == 0:
             raise ImageError(f"{label}: empty file")
-        return _decode(lambda: io.BytesIO(source), label)
+        return _decode(lambda: io.BytesIO(source), label, convert)
     path = Path(source)
     try:
         if path.stat().st_size == 0:
@@ -102,11 +108,13 @@ def read_grayscale(source: str | Path | bytes, name: str | None = None) -> np.nd
         raise ImageError(f"{path}: no such file") from None
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
-    return _decode(lambda: path, str(path))
+    return _decode(lambda: path, str(path), convert)
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) as the image's header states it, without decoding; None if unreadable."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # a PNG's first chunk
     try:
         with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
             return image.size
@@ -114,7 +122,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         return None
 
 
-def _decode(open_source, label: str) -> np.ndarray:
+def _decode(open_source, label: str, convert):
     try:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an image that
         # big from a user is an attack or a mistake either way. Its other warnings (corrupt
@@ -124,7 +132,8 @@ def _decode(open_source, label: str) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(open_source(), formats=_FORMATS) as image:
                 image.load()  # decode now, so a truncated file fails here and not later
-                return _to_gray_array(ImageOps.exif_transpose(image))
+                ImageOps.exif_transpose(image, in_place=True)
+                return convert(image)
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -184,11 +193,24 @@ def normalize_digit(gray: np.ndarray, size: tuple[int, int] = (28, 28), box: int
     return _to_uint8(_centre_by_mass(_fit_in_box(ink, box), size))
 
 
-def _already_dataset_form(gray: np.ndarray, size: tuple[int, int]) -> bool:
+def _already_dataset_form(gray: np.ndarray, size: tuple[int, int], dark: float = _DARK) -> bool:
     # Such an image is a dataset sample saved to disk: re-normalising would change
     # the pixels and the prediction would differ from the tensor's.
     # An all-black one is not: it goes on to be reported as blank.
-    return gray.shape == tuple(size) and np.mean(_border(gray) <= _DARK) >= 0.9 and gray.max() > _DARK
+    if gray.shape != tuple(size):
+        return False
+    border = _border(gray)
+    return np.count_nonzero(border <= dark) >= 0.9 * border.size and gray.max() > dark
+
+
+def _digit_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """A plain 8-bit gray dataset sample as its own uint8 pixels (what ``normalize_digit`` would
+    return for it, without the trip through floats); any other image as ``read_grayscale`` reads it."""
+    if image.mode == "L" and not image.has_transparency_data and image.size == (size[1], size[0]):
+        pixels = np.asarray(image)
+        if _already_dataset_form(pixels, size, dark=_DARK * 255):
+            return pixels.copy()
+    return _to_gray_array(image)
 
 
 def _ink_on_black(gray: np.ndarray) -> np.ndarray:
@@ -278,12 +300,14 @@ def _border_width(shape: tuple[int, ...]) -> int:
     return max(1, min(shape[:2]) // 40)
 
 
+@functools.lru_cache(maxsize=32)  # the same few sizes, over and over, when serving
 def _border_mask(shape: tuple[int, ...]) -> np.ndarray:
     h, w = shape[:2]
     width = _border_width(shape)
     mask = np.zeros((h, w), dtype=bool)
     mask[:width, :] = mask[-width:, :] = True
     mask[:, :width] = mask[:, -width:] = True
+    mask.flags.writeable = False
     return mask
 
 
@@ -345,9 +369,11 @@ def prepare_image(
 
     The command line, the HTTP API and the web page all come through here. ImageError names the file.
     """
-    gray = read_grayscale(source, name)  # its errors already name the file
     if not normalize:
-        return _resize_gray(gray, size)
+        return _resize_gray(read_grayscale(source, name), size)  # its errors already name the file
+    gray = _read(source, name, functools.partial(_digit_input, size=tuple(size)))
+    if gray.dtype == np.uint8:
+        return gray
     # MNIST's 20-pixel box in a 28-pixel field, kept in proportion for other sizes.
     box = round(PREPROCESSING["box"] * min(size) / min(PREPROCESSING["size"]))
     try:

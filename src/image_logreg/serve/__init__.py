@@ -1,7 +1,7 @@
 """Serving trained models over HTTP: the Open Inference Protocol (v2), image files, a page.
 
 ``registry`` holds the loaded models, ``protocol`` speaks the inference protocol, ``app``
-routes requests, ``guard`` checks tokens and limits and logs every request, ``metrics``
+routes requests, ``hot`` answers the two routes that carry the load ahead of FastAPI, ``guard`` checks tokens and limits and logs every request, ``metrics``
 counts for Prometheus, ``server`` binds and runs; ``static/`` is the page.
 """
 

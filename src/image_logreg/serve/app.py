@@ -24,6 +24,7 @@ from ..predict import explain, predict_file
 from ..preprocess import header_size
 from . import protocol
 from .guard import Guard
+from .hot import HotRoutes, read_body
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import ErrorResponse, InferenceRequest, InferenceResponse, ModelMetadata, ProtocolError, ServerMetadata
 from .registry import VERSION, ServedModel
@@ -62,48 +63,16 @@ def create_app(
         default_response_class=JSONResponse,
         description="Image classification with logistic regression: the Open Inference Protocol (v2) and image files.",
     )
-    decode_slots = anyio.CapacityLimiter(DECODE_SLOTS)
+    inference = Inference(models, metrics, max_images)
     _add_error_handlers(app)
-
-    def served(name: str) -> ServedModel:
-        if name not in models:
-            raise ProtocolError(f"unknown model {name!r}; this server has {', '.join(models)}", 404)
-        return models[name]
-
-    def version_checked(name: str, version: str | None) -> ServedModel:
-        model = served(name)
-        if version not in (None, "", VERSION):
-            raise ProtocolError(f"model {name!r} has version {VERSION} only, not {version!r}", 404)
-        return model
-
-    # The routes that carry the load come first, since routes are matched in order. Both read
-    # their parameters themselves, which spares FastAPI's per-request parameter machinery (a
-    # quarter of a small request's time); the OpenAPI document still describes them.
 
     # --- image files -------------------------------------------------------------------------
 
     @app.post("/predict", responses=ERRORS, tags=["images"], openapi_extra={"parameters": PREDICT_PARAMETERS})
     async def predict(request: Request) -> list[dict]:
         """Image files as multipart field ``files``, or one image as the raw body: what ``predict --json`` prints."""
-        model, top_k, normalize, explain_, filename = _predict_options(request.query_params)
-        chosen = served(model) if model is not None else next(iter(models.values()))
-        uploads = await _uploads(request, filename, max_images)
-
-        def run() -> list[dict]:
-            results = []
-            for name, data in uploads:
-                result, image = predict_file(chosen.model, chosen.meta, data, top_k, normalize=normalize, name=name)
-                if explain_:
-                    result.update(explain(chosen.model, torch.from_numpy(image)[None], chosen.meta)[0])
-                results.append(result)
-            return results
-
-        if all(_is_small(data) for _, data in uploads) and len(uploads) <= INLINE_IMAGES:
-            results = run()  # quicker than a thread hand-off, and too short to hold other requests up
-        else:
-            results = await anyio.to_thread.run_sync(run, limiter=decode_slots)
-        metrics.predicted(chosen.name, len(results))
-        return JSONResponse(results)
+        content_type = request.headers.get("content-type", "")
+        return JSONResponse(await inference.predict(request.query_params, content_type, request.scope, request.receive))
 
     # --- Open Inference Protocol ---------------------------------------------------------
 
@@ -115,20 +84,15 @@ def create_app(
         *infer_doc["parameters"], {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}])
 
     @app.post("/v2/models/{name}/infer", response_model=InferenceResponse, responses=ERRORS, openapi_extra=infer_doc,
-              tags=["inference"])
+              tags=["inference"], name="infer")
     @app.post("/v2/models/{name}/versions/{version}/infer", response_model=InferenceResponse, responses=ERRORS,
-              openapi_extra=versioned_infer_doc, tags=["inference"])
+              openapi_extra=versioned_infer_doc, tags=["inference"], name="versioned_infer")
     async def infer(request: Request):
         """One tensor named ``input``: ``[N, *input_shape]``, UINT8 (0-255) or FP32 (0-1)."""
-        name = request.path_params["name"]
-        model = version_checked(name, request.path_params.get("version"))
         if "inference-header-content-length" in request.headers:  # the binary tensor extension's JSON + bytes body
             raise ProtocolError("binary tensor data is not supported; send JSON data (binary_data=False)")
-        images, outputs, request_id = protocol.decode_request(await request.body(), model, max_images)
-        # Small and quick: answered on the event loop, where a thread hand-off would cost more.
-        response = protocol.infer(model, images, outputs, request_id)
-        metrics.predicted(name, len(images))
-        return JSONResponse(response)
+        name, version = request.path_params["name"], request.path_params.get("version")
+        return JSONResponse(inference.infer(name, version, await request.body()))
 
     @app.get("/v2/health/live", tags=["health"])
     async def live() -> dict:
@@ -150,12 +114,12 @@ def create_app(
     @app.get("/v2/models/{name}", response_model=ModelMetadata, responses=ERRORS, tags=["metadata"])
     @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS, tags=["metadata"])
     async def model_metadata(name: str, version: str | None = None):
-        return version_checked(name, version).metadata()
+        return inference.model(name, version).metadata()
 
     @app.get("/v2/models/{name}/ready", responses=ERRORS, tags=["health"])
     @app.get("/v2/models/{name}/versions/{version}/ready", responses=ERRORS, tags=["health"])
     async def model_ready(name: str, version: str | None = None) -> dict:
-        version_checked(name, version)
+        inference.model(name, version)
         return {"name": name, "ready": True}
 
     # --- operations and the page -------------------------------------------------------------
@@ -171,13 +135,61 @@ def create_app(
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     _document_request_schema(app)
 
-    guarded = Guard(app, metrics=metrics, token=token, max_body=max_body, log=log)
+    routes = {route.name: route for route in app.routes if getattr(route, "name", None) in HotRoutes.NAMES}
+    guarded = Guard(HotRoutes(app, inference, routes), metrics=metrics, token=token, max_body=max_body, log=log)
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
         return CORSMiddleware(guarded, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                               allow_headers=["Authorization", "Content-Type"])
     return guarded
+
+
+class Inference:
+    """What ``infer`` and ``/predict`` do, apart from the web framework: both the FastAPI routes
+    and ``HotRoutes`` (which answers them in front of FastAPI, for speed) call these."""
+
+    def __init__(self, models: dict[str, ServedModel], metrics: Metrics, max_images: int):
+        self.models = models
+        self.metrics = metrics
+        self.max_images = max_images
+        self.decode_slots = anyio.CapacityLimiter(DECODE_SLOTS)
+
+    def model(self, name: str, version: str | None = None) -> ServedModel:
+        if name not in self.models:
+            raise ProtocolError(f"unknown model {name!r}; this server has {', '.join(self.models)}", 404)
+        if version not in (None, "", VERSION):
+            raise ProtocolError(f"model {name!r} has version {VERSION} only, not {version!r}", 404)
+        return self.models[name]
+
+    def infer(self, name: str, version: str | None, body: bytes) -> dict:
+        model = self.model(name, version)
+        images, outputs, request_id = protocol.decode_request(body, model, self.max_images)
+        # Small and quick: answered on the event loop, where a thread hand-off would cost more.
+        response = protocol.infer(model, images, outputs, request_id)
+        self.metrics.predicted(name, len(images))
+        return response
+
+    async def predict(self, query, content_type: str, scope, receive) -> list[dict]:
+        model, top_k, normalize, explain_, filename = _predict_options(query)
+        chosen = self.model(model) if model is not None else next(iter(self.models.values()))
+        uploads = await _uploads(content_type, scope, receive, filename, self.max_images)
+
+        def run() -> list[dict]:
+            results = []
+            for name, data in uploads:
+                result, image = predict_file(chosen.model, chosen.meta, data, top_k, normalize=normalize, name=name)
+                if explain_:
+                    result.update(explain(chosen.model, torch.from_numpy(image)[None], chosen.meta)[0])
+                results.append(result)
+            return results
+
+        if len(uploads) <= INLINE_IMAGES and all(_is_small(data) for _, data in uploads):
+            results = run()  # quicker than a thread hand-off, and too short to hold other requests up
+        else:
+            results = await anyio.to_thread.run_sync(run, limiter=self.decode_slots)
+        self.metrics.predicted(chosen.name, len(results))
+        return results
 
 
 # The query parameters of /predict, read by hand like the infer route's (see there), documented here.
@@ -211,12 +223,12 @@ def _predict_options(query) -> tuple[str | None, int, bool, bool, str | None]:
     return query.get("model"), top_k, flags[0], flags[1], query.get("filename")
 
 
-async def _uploads(request: Request, filename: str | None, max_images: int) -> list[tuple[str, bytes]]:
+async def _uploads(content_type: str, scope, receive, filename: str | None, max_images: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of each uploaded image: multipart ``files``, or the raw body as one image."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = content_type.split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         try:
-            form = await request.form(max_files=max_images + 1, max_fields=max_images + 16, max_part_size=MAX_BODY)
+            form = await Request(scope, receive).form(max_files=max_images + 1, max_fields=max_images + 16, max_part_size=MAX_BODY)
         except MultiPartException as exc:
             status = 413 if "Too many" in str(exc) or "exceeded" in str(exc) else 400
             raise ProtocolError(f"multipart body refused: {exc}", status) from None
@@ -227,7 +239,7 @@ async def _uploads(request: Request, filename: str | None, max_images: int) -> l
             raise ProtocolError(f"{len(files)} images in one request; the limit is {max_images}", 413)
         return [(f.filename or f"files[{i}]", await f.read()) for i, f in enumerate(files)]
     if content_type.startswith(("image/", "application/octet-stream")) or not content_type:
-        body = await request.body()
+        body = await read_body(receive)
         if not body:
             raise ProtocolError("empty body: send an image file as the body, or files as multipart field 'files'")
         return [(filename or "upload", body)]

@@ -98,7 +98,11 @@ def _replay(body: bytes, receive):
 
 
 async def send_error(send, status: int, message: str, headers: list | None = None) -> None:
-    body = orjson.dumps({"error": message})
+    await send_json(send, status, {"error": message}, headers)
+
+
+async def send_json(send, status: int, content, headers: list | None = None) -> None:
+    body = orjson.dumps(content)
     await send({
         "type": "http.response.start",
         "status": status,

@@ -28,6 +28,7 @@ class Metrics:
             "image_logreg_images_predicted", "Images predicted, by model", ["model"], registry=self.registry,
         )
         self._series: dict[tuple, tuple] = {}
+        self._images: dict[str, object] = {}
 
     def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         # Clients choose the method: any word outside HTTP's own would otherwise add a series for good.
@@ -40,7 +41,10 @@ class Metrics:
         series[1].observe(seconds)
 
     def predicted(self, model: str, n: int) -> None:
-        self.images.labels(model).inc(n)
+        counter = self._images.get(model)
+        if counter is None:  # served models only, so a handful of series
+            counter = self._images[model] = self.images.labels(model)
+        counter.inc(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
