@@ -1,8 +1,9 @@
-"""Datasets: torchvision finds, fetches and parses the IDX files; we keep them as tensors.
+"""Datasets: the IDX files in torchvision's layout (torchvision fetches them when missing), kept as tensors.
 
-Each split is read once into a uint8 tensor (N x H x W) and scaled to [0, 1] floats on the
-chosen device, exactly as torchvision's ``ToTensor`` would, so batches are plain tensor slices.
-torchvision is imported only to read or fetch the files: its import alone takes seconds.
+Each split is memory-mapped as a uint8 tensor (N x H x W) and scaled to [0, 1] floats on the
+chosen device, exactly as torchvision's ``ToTensor`` would, so batches are plain tensor slices
+(or, for a set too large for memory as floats, gathered and scaled a batch at a time: ``stream``).
+torchvision is imported only to fetch the files: its import alone takes seconds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class ImageSet:
     # folder and CSV datasets: the files of this split, those skipped, the decode settings
     # and held-out test indices, as plain data for the run to save (see sources.folder)
     source: dict = field(default_factory=dict)
+    # the memory map ``images`` are read through (an IDX file, a folder's cache), or None
+    mapping: object = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,10 +86,10 @@ def load_split(
     if missing:
         _fetch(name, data_dir, split, folder, missing, download)
 
-    from torchvision.datasets.mnist import read_image_file, read_label_file
+    from .sources.classic import read_idx
 
-    images = _read_idx(read_image_file, image_file, "image")
-    labels = _read_idx(read_label_file, label_file, "label").long()
+    array = read_idx(image_file, "image", mapped=True)
+    images, labels = torch.from_numpy(array), torch.from_numpy(read_idx(label_file, "label")).long()
     classes = list(CLASSES[name])
     if images.ndim != 3 or len(images) != len(labels):
         raise DataError(
@@ -97,7 +100,18 @@ def load_split(
         raise DataError(f"{label_file} holds no samples")
     if int(labels.min()) < 0 or int(labels.max()) >= len(classes):
         raise DataError(f"{label_file} has labels outside 0..{len(classes) - 1}; the file is corrupt")
-    return ImageSet(images, labels, classes, name, split)
+    return ImageSet(images, labels, classes, name, split, mapping=mapping_of(array))
+
+
+def mapping_of(array):
+    """The ``mmap`` a numpy array's memory comes from (``np.memmap``, ``np.load(mmap_mode=...)``), if any."""
+    import mmap
+
+    for _ in range(16):  # views of views: a short chain to the array that owns the memory
+        if array is None or isinstance(array, mmap.mmap):
+            return array
+        array = getattr(array, "_mmap", None) or getattr(array, "base", None)
+    return None
 
 
 def _fetch(name, data_dir, split, folder, missing, download):
@@ -112,14 +126,6 @@ def _fetch(name, data_dir, split, folder, missing, download):
     except Exception as exc:  # any network or disk failure ends the same way for the user
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"{name} {split} data missing: {where} and download failed ({reason}); {hint}") from None
-
-
-def _read_idx(reader, path: Path, kind: str) -> torch.Tensor:
-    _check_idx_header(path, kind)
-    try:
-        return reader(str(path))
-    except Exception as exc:  # torchvision signals bad headers and short files in several ways
-        raise DataError(f"{path} is not a valid IDX {kind} file (corrupt or truncated: {exc.__class__.__name__})") from None
 
 
 # Dimensions of each IDX file: N x H x W images, N labels.

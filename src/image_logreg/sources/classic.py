@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import pickle
 import string
 import sys
@@ -79,9 +80,10 @@ def load_classic(name: str, data_dir, split: str, download: bool = True):
 def _image_set(images: np.ndarray, labels: np.ndarray, classes: list[str], name: str, split: str):
     import torch
 
-    from ..data import ImageSet
+    from ..data import ImageSet, mapping_of
 
-    return ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), classes, name, split)
+    labels = torch.from_numpy(labels.astype(np.int64))
+    return ImageSet(torch.from_numpy(images), labels, classes, name, split, mapping=mapping_of(images))
 
 
 # --- KMNIST and EMNIST: IDX files -----------------------------------------------------------
@@ -125,7 +127,7 @@ def _read_idx_pair(name, split, files, download, fetch):
     if missing:
         hint = f"pass --data-dir DIR where DIR/{image_file.parent.parent.name}/raw/ holds the IDX files"
         _fetch(name, split, f"{', '.join(missing)} not found in {image_file.parent}", hint, download, fetch)
-    images, labels = read_idx(image_file, "image"), read_idx(label_file, "label")
+    images, labels = read_idx(image_file, "image", mapped=True), read_idx(label_file, "label")
     if len(images) != len(labels):
         raise DataError(
             f"{image_file} holds {len(images)} images but {label_file} holds {len(labels)} labels; "
@@ -136,14 +138,20 @@ def _read_idx_pair(name, split, files, download, fetch):
     return images, labels
 
 
-def read_idx(path: Path, kind: str) -> np.ndarray:
-    """An IDX file of unsigned bytes (``kind`` "image": N x H x W, "label": N), its header checked first."""
+def read_idx(path: Path, kind: str, mapped: bool = False) -> np.ndarray:
+    """An IDX file of unsigned bytes (``kind`` "image": N x H x W, "label": N), its header checked first.
+
+    ``mapped``: memory-mapped copy-on-write (writable in memory, the file never changes), so
+    pages are read as they are used and a set larger than memory can be trained in batches.
+    """
     from ..data import _IDX_DIMS, _check_idx_header
 
-    _check_idx_header(path, kind)  # the same checks and messages as MNIST's files get
+    _check_idx_header(path, kind)  # the same checks and messages as every IDX file gets
     ndim = _IDX_DIMS[kind]
     with open(path, "rb") as f:
         dims = tuple(int.from_bytes(f.read(4), "big") for _ in range(ndim + 1))[1:]
+        if mapped and math.prod(dims):
+            return np.memmap(path, dtype=np.uint8, mode="c", offset=4 + 4 * ndim, shape=dims)
         return np.fromfile(f, dtype=np.uint8).reshape(dims)
 
 
