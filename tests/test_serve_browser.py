@@ -1,13 +1,15 @@
 """The page at / in a real browser: Debian's Chromium, driven by Playwright, against `image-logreg serve`.
 
 The user's side of the server: draw with the mouse, upload a file, Clear, switch models, give a
-token. Screenshots go to $IMAGE_LOGREG_SCREENSHOTS (else the test's tmp_path); with
-UPDATE_SCREENSHOT=1 one also replaces docs/serve-page.png, the README's picture of the page.
+token, and a colour model of the user's own pictures beside an MNIST one, whose words follow
+the chosen model. Screenshots go to $IMAGE_LOGREG_SCREENSHOTS (else the test's tmp_path); with
+UPDATE_SCREENSHOT=1 those named in DOCS_SCREENSHOTS also replace the pictures of the page in docs/.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import socket
@@ -19,6 +21,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -37,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 START_LIMIT_S = 60
 WAIT_MS = 15_000  # every wait in the browser ends by itself
 TOKEN = "secret"
+DOCS_SCREENSHOTS = ("serve-page", "serve-page-colour")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -106,6 +110,42 @@ def fashion_run(real_data, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "fashion"
     assert main(["train", "--dataset", "fashion-mnist", "--data-dir", str(real_data), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+# Three kinds of colour picture a linear model tells apart by their colours, at the folder's size.
+SCENES = ("fire", "forest", "sea")
+SCENE_SIZE = 32
+
+
+def scene(kind: str, height: int, width: int, seed: int) -> Image.Image:
+    """A made-up photograph: fire glows from yellow to red, a forest is greens, the sea is blue under sky."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height)[:, None, None]
+    if kind == "fire":
+        top, bottom = np.array([200, 30, 10]), np.array([255, 210, 40])
+    elif kind == "forest":
+        top, bottom = np.array([90, 150, 60]), np.array([20, 70, 25])
+    else:
+        top, bottom = np.array([150, 200, 240]), np.array([10, 50, 120])
+    pixels = top + (bottom - top) * y + rng.normal(0, 18, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def colour_run(tmp_path_factory) -> Path:
+    """A model of a folder of colour pictures, 32x32, trained in a second."""
+    from image_logreg.cli import main
+
+    data = tmp_path_factory.mktemp("scenes")
+    for label, kind in enumerate(SCENES):
+        (data / kind).mkdir()
+        for k in range(12):
+            scene(kind, SCENE_SIZE, SCENE_SIZE, seed=100 * label + k).save(data / kind / f"{k}.png")
+    out = tmp_path_factory.mktemp("runs") / "scenes"
+    argv = ["train", "--dataset", "folder", "--data-dir", str(data), "--out", str(out), "--epochs", "3",
+            "--no-cache", "--quiet", "--no-download"]
+    assert main(argv) == 0
     return out
 
 
@@ -251,9 +291,9 @@ def canvas_colours(page, name: str) -> int:
 
 def save_screenshot(page, folder: Path, name: str) -> None:
     page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
-    if os.environ.get("UPDATE_SCREENSHOT") == "1" and name == "serve-page":
+    if os.environ.get("UPDATE_SCREENSHOT") == "1" and name in DOCS_SCREENSHOTS:
         (REPO / "docs").mkdir(exist_ok=True)
-        page.screenshot(path=str(REPO / "docs" / "serve-page.png"), full_page=True)
+        page.screenshot(path=str(REPO / "docs" / f"{name}.png"), full_page=True)
 
 
 def user_digit_file(real_data: Path, folder: Path) -> tuple[Path, int]:
@@ -397,3 +437,56 @@ def test_token_is_asked_once_then_used(open_page, mnist_run, digits, screenshots
         draw(page, loop())
         assert predicted(page) == (digits[0], "0")
         assert token.is_hidden() and by_testid(page, "error").is_hidden()
+
+
+def canvas_size(page, name: str) -> tuple[int, int]:
+    return tuple(by_testid(page, name).evaluate("c => [c.width, c.height]"))
+
+
+def test_words_follow_a_colour_model(open_page, mnist_run, colour_run, screenshots, tmp_path):
+    photo = tmp_path / "sea.png"
+    scene("sea", 72, 96, seed=7).save(photo)  # another size and shape than the model's: resized
+    with serving({"mnist": mnist_run, "scenes": colour_run}, tmp_path / "serve.log") as base:
+        # What the page's words are made from: how each model's image files are prepared.
+        with urllib.request.urlopen(f"{base}/v2/models", timeout=5) as response:
+            files = {m["name"]: m["parameters"]["image_files"] for m in json.load(response)["models"]}
+        assert files == {
+            "mnist": {"name": "mnist-normalize", "image_size": [28, 28], "box": 20, "resize": None, "color": "gray"},
+            "scenes": {"name": "dataset-decode", "image_size": [SCENE_SIZE] * 2, "resize": "fit", "color": "rgb"},
+        }
+        page = open_page(base)
+        lead, seen = by_testid(page, "lead"), by_testid(page, "seen-caption")
+        # The first model is the MNIST one, and the page talks about digits.
+        page.wait_for_function("() => document.querySelector('[data-testid=model]').options.length === 2",
+                               timeout=WAIT_MS)
+        assert "784 of them for a 28\u00d728 digit" in lead.inner_text()
+        assert "20\u00d720" in seen.inner_text() and "MNIST digits" in seen.inner_text()
+        assert canvas_size(page, "seen") == (28, 28)
+
+        by_testid(page, "model").select_option("scenes")
+        by_testid(page, "file").set_input_files(str(photo))
+        assert predicted(page) == ("sea", str(SCENES.index("sea")))
+        assert sum(p for _, p in probabilities(page)) == pytest.approx(1.0, abs=1e-3)
+        assert "3,072 of them for a 32\u00d732 colour image" in lead.inner_text()
+        words = seen.inner_text()
+        assert "32\u00d732" in words and "colour" in words
+        assert "20\u00d720" not in words and "MNIST" not in words and "white ink" not in words
+        assert "red, green and blue" in by_testid(page, "evidence-caption").inner_text()
+        assert canvas_size(page, "seen") == canvas_size(page, "evidence") == (SCENE_SIZE, SCENE_SIZE)
+        assert canvas_colours(page, "seen") > 1 and canvas_colours(page, "evidence") > 1
+        # The picture the model saw is in colour: its pixels are not all gray.
+        assert page.evaluate("""() => {
+            const c = document.querySelector('[data-testid=seen]');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            for (let i = 0; i < d.length; i += 4) if (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2]) return true;
+            return false;
+        }""")
+        assert by_testid(page, "error").is_hidden()
+        save_screenshot(page, screenshots, "serve-page-colour")
+
+        # Back to MNIST: its words again. (What it makes of the photograph is its own business.)
+        by_testid(page, "model").select_option("mnist")
+        settled(page)
+        assert "MNIST digits" in seen.inner_text() and "784" in lead.inner_text()
+        assert canvas_size(page, "seen") == (28, 28)
+        assert page.outside_requests == []

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model, resolve_checkpoint
-from ..data import prepare_inputs
+from ..data import DATASET_DECODE, prepare_inputs
 from ..errors import UsageError
 from ..model import LogisticRegression
+from ..preprocess import PREPROCESSING
 
 VERSION = "1"  # one version per served name; the protocol's paths may still name it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -45,7 +46,23 @@ class ServedModel:
         return self.model.predict_proba(self.inputs(images)).cpu()
 
     def metadata(self) -> dict:
-        """Open Inference Protocol model metadata, with the model's own facts as parameters."""
+        """Open Inference Protocol model metadata, with the model's own facts as parameters.
+
+        ``image_files`` says what an image file becomes before the model sees it, so the page
+        can say so: ``name`` "dataset-decode" (resized as the dataset's own files were, with
+        ``image_size`` [H, W], ``resize`` and ``color``) or a digit-style name (normalised as an
+        MNIST digit: centred in ``image_size`` within a ``box`` pixels square, gray).
+        """
+        # Checkpoints from before image_files was recorded are all digit models.
+        files = (self.meta.get("preprocessing") or {}).get("image_files") or {}
+        if files.get("name") == DATASET_DECODE:
+            image_files = {key: files[key] for key in ("name", "image_size", "resize", "color")}
+        else:
+            size = self.input_shape[-2:]
+            # The box in proportion to the field, as preprocess.prepare_image scales it.
+            box = round(PREPROCESSING["box"] * min(size) / min(PREPROCESSING["size"]))
+            name = files.get("name") or PREPROCESSING["name"]
+            image_files = {"name": name, "image_size": size, "box": box, "resize": None, "color": "gray"}
         k = len(self.classes)
         return {
             "name": self.name,
@@ -62,6 +79,7 @@ class ServedModel:
                 "input_shape": self.input_shape,
                 "deskew": self.deskew,
                 "metrics": self.meta.get("metrics"),
+                "image_files": image_files,
             },
         }
 

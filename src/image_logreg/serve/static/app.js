@@ -1,4 +1,5 @@
-// The draw-a-digit page: a pad, uploads, and the model's answer with its reasons.
+// The model's page: a pad, uploads, and the model's answer with its reasons, in words that
+// follow the chosen model (digits or photographs, its size and colours).
 // Plain browser JavaScript, no libraries, so the page works offline.
 "use strict";
 
@@ -11,6 +12,26 @@
   // MNIST digits fill a 20-pixel box with strokes 2-3 pixels wide: about 1/11 of the pad's side
   // for a digit drawn most of the pad's height.
   const PEN_FRACTION = 1 / 11;
+  const TIMES = "\u00d7";
+  // preprocessing.image_files name of models whose files are resized as their dataset's were;
+  // any other name is a digit-style model, whose files are normalised as MNIST digits.
+  const DATASET_DECODE = "dataset-decode";
+  // What the digit-style datasets show: "one" names a single image, "many" the training set.
+  // One that can be drawn is asked for by name on the pad.
+  const SUBJECTS = {
+    mnist: { one: "digit", many: "MNIST digits", drawn: true },
+    "emnist-digits": { one: "digit", many: "EMNIST digits", drawn: true },
+    "emnist-letters": { one: "letter", many: "EMNIST letters", drawn: true },
+    "emnist-balanced": { one: "digit or letter", many: "EMNIST digits and letters", drawn: true },
+    kmnist: { one: "character", many: "Kuzushiji-MNIST characters", drawn: true },
+    "fashion-mnist": { one: "image", many: "Fashion-MNIST clothes", drawn: false },
+  };
+  const PHOTOS = { cifar10: "CIFAR-10 photos", cifar100: "CIFAR-100 photos" };
+  const RESIZED = {
+    fit: (size) => `scaled to fit in ${size} pixels without changing its shape, the gaps filled with its border colour`,
+    stretch: (size) => `stretched or squeezed to ${size} pixels`,
+    crop: (size) => `scaled to cover ${size} pixels and cut to that around its centre`,
+  };
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -28,6 +49,9 @@
     seen: $("seen"),
     evidence: $("evidence"),
     evidenceClass: $("evidence-class"),
+    evidenceHow: $("evidence-how"),
+    leadInput: $("lead-input"),
+    seenHow: $("seen-how"),
     evidenceSum: $("evidence-sum"),
     error: $("error"),
     tokenForm: $("token-form"),
@@ -35,6 +59,14 @@
     tokenLabel: document.querySelector("label[for=token]"),
   };
   const padContext = ui.pad.getContext("2d");
+  // The page's own words, for a model whose metadata says too little to describe it.
+  const DEFAULT_WORDS = {
+    lead: ui.leadInput.textContent,
+    seen: ui.seenHow.textContent,
+    evidence: ui.evidenceHow.textContent,
+    hint: ui.padHint.textContent,
+    padLabel: ui.pad.getAttribute("aria-label"),
+  };
 
   const state = {
     models: [], // model metadata from GET /v2/models, in the server's order
@@ -143,9 +175,84 @@
   function selectModel(name) {
     state.model = state.models.find((m) => m.name === name) || state.models[0];
     ui.model.value = state.model.name;
+    describeModel(state.model);
     buildBars(classesOf(state.model));
     clearResult();
     if (state.source) predictNow();
+  }
+
+  // ---- the words about the model --------------------------------------------------------------
+
+  // The lead, the pad's hint and the captions of the two pictures, as true of this model: what
+  // size and colours it takes, and what becomes of an image before it sees it.
+  function describeModel(model) {
+    const params = model.parameters || {};
+    const shape = params.input_shape || [];
+    const files = params.image_files || {};
+    const [height, width] = shape.slice(-2);
+    sizePictures(height, width);
+    const words = files.name === DATASET_DECODE
+      ? decodedWords(params, files)
+      : files.name ? digitWords(params, files) : {};
+    const subject = SUBJECTS[params.dataset];
+    ui.leadInput.textContent = inputWords(shape, subject ? subject.one : "image");
+    ui.seenHow.textContent = words.seen || DEFAULT_WORDS.seen;
+    ui.evidenceHow.textContent = words.evidence || DEFAULT_WORDS.evidence;
+    const drawn = subject && subject.drawn ? `a ${subject.one} ` : "";
+    ui.padHint.textContent = drawn ? `draw ${drawn}here` : DEFAULT_WORDS.hint;
+    const padLabel = drawn ? `Drawing pad: draw ${drawn}with the mouse, a finger or a pen` : DEFAULT_WORDS.padLabel;
+    ui.pad.setAttribute("aria-label", padLabel);
+  }
+
+  // One canvas pixel per input pixel, before the first answer too.
+  function sizePictures(height, width) {
+    if (!(height > 0 && width > 0)) return;
+    for (const canvas of [ui.seen, ui.evidence]) {
+      canvas.width = width;
+      canvas.height = height;
+    }
+  }
+
+  function inputWords(shape, one) {
+    const count = shape.reduce((a, b) => a * b, 1).toLocaleString("en-US");
+    if (shape.length === 3 && shape[0] === 3) {
+      const size = sizeWords(shape);
+      return `each number of the image (${count} of them for a ${size} colour image: red, green and blue for every pixel)`;
+    }
+    if (shape.length === 2) return `each pixel of the image (${count} of them for a ${sizeWords(shape)} ${one})`;
+    return shape.length ? `each number of the input (${count} of them)` : DEFAULT_WORDS.lead;
+  }
+
+  // Height by width, as --image-size is written.
+  function sizeWords(shape) {
+    return shape.slice(-2).join(TIMES);
+  }
+
+  function digitWords(params, files) {
+    const subject = SUBJECTS[params.dataset];
+    const box = files.box ? `${files.box}${TIMES}${files.box} pixels` : "a box";
+    const straightened = params.deskew ? ", its slant straightened" : "";
+    return {
+      seen: `Your image as the model gets it: turned into white ink on black, cropped, scaled to fit ${box} `
+        + `and centred in ${sizeWords(files.image_size || params.input_shape)}${straightened}, `
+        + `like the ${subject ? subject.many : "images"} it learned from.`,
+      evidence: "Each pixel's ink times the weight the model gives that pixel for its top class.",
+    };
+  }
+
+  function decodedWords(params, files) {
+    const size = sizeWords(files.image_size || params.input_shape);
+    const resized = (RESIZED[files.resize] || RESIZED.fit)(size);
+    const colour = files.color === "rgb";
+    const straightened = params.deskew ? ", its slant straightened" : "";
+    const learned = PHOTOS[params.dataset] || "images";
+    return {
+      seen: `Your image as the model gets it: ${colour ? "kept in colour" : "made gray"}, ${resized}${straightened}, `
+        + `like the ${learned} it learned from.`,
+      evidence: colour
+        ? "Each pixel's red, green and blue values times the weights the model gives them for its top class, added up."
+        : "Each pixel's brightness times the weight the model gives that pixel for its top class.",
+    };
   }
 
   // ---- predicting -----------------------------------------------------------------------------
@@ -357,7 +464,12 @@
     ui.evidenceClass.textContent = ` for \u201c${name}\u201d`;
     if (evidence && typeof bias === "number") {
       const total = evidence.flat().reduce((a, b) => a + b, 0);
-      ui.evidenceSum.textContent = ` (here ${total.toFixed(1)} ${bias < 0 ? "\u2212" : "+"} ${Math.abs(bias).toFixed(1)} = ${(total + bias).toFixed(1)})`;
+      // as many decimals as it takes for the three figures to add up as printed
+      const digits = [1, 2, 3].find((d) => {
+        const round = (v) => Number(v.toFixed(d));
+        return Math.abs(round(total) + round(bias) - round(total + bias)) < 0.5 * 10 ** -d;
+      }) || 3;
+      ui.evidenceSum.textContent = ` (here ${total.toFixed(digits)} ${bias < 0 ? "\u2212" : "+"} ${Math.abs(bias).toFixed(digits)} = ${(total + bias).toFixed(digits)})`;
     } else {
       ui.evidenceSum.textContent = "";
     }
