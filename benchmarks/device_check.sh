@@ -26,10 +26,9 @@ if command -v nvidia-smi >/dev/null; then nvidia-smi -L; else echo "nvidia-smi: 
 "$PYTHON" -c 'import torch; print("torch", torch.__version__, "| cuda available:", torch.cuda.is_available(),
       "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")'
 
-# test_deskew's GPU test has no `cuda` mark, only its name: -k picks it and all of test_cuda.py.
-echo "== tests (-k cuda)"
+echo "== tests (-m cuda)"
 set +e
-timeout "$LIMIT" "$PYTHON" -m pytest -q -rs -p no:cacheprovider -k cuda tests/test_cuda.py tests/test_deskew.py \
+timeout "$LIMIT" "$PYTHON" -m pytest -q -rs -p no:cacheprovider -m cuda tests/ \
     2>&1 | tee "$RESULTS/pytest-cuda.txt"
 tests=${PIPESTATUS[0]}
 set -e

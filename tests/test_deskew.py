@@ -88,6 +88,7 @@ def test_dtype_shape_and_device_preserved(dtype):
     torch.testing.assert_close(single.double(), out[0].double(), atol=atol, rtol=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_stays_on_cuda():
     imgs = torch.from_numpy(np.stack([sheared_bar(0.3)])).cuda()
