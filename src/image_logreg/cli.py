@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .distributed import DistributedError, env_rank, env_world_size
 from .errors import ImageLogregError, UsageError
 
 
@@ -25,13 +26,17 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
+        args.argv = argv  # --nproc hands the command line on to torchrun
         return args.func(args) or 0
+    except DistributedError as exc:  # not the user's input: a rank failed, was stopped or timed out
+        return fail(str(exc), 1)
     except ImageLogregError as exc:
-        return fail(str(exc), 2)
+        return fail(_which_rank() + str(exc), 2)
     except KeyboardInterrupt:
-        return fail("interrupted", 130)
+        return fail(_which_rank() + "interrupted", 130)
     except BrokenPipeError:  # the reader has gone (`| head`): nothing more to say, as other tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
         return 141
@@ -39,8 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc), 1)
 
 
+def _which_rank() -> str:
+    """``rank N: `` in a process torchrun started, whose ranks may each report an error."""
+    return f"rank {env_rank()}: " if env_world_size() > 1 else ""
+
+
 def fail(message: str, code: int) -> int:
-    print(f"image-logreg: error: {' '.join(message.split())}", file=sys.stderr)
+    # one write: ranks under torchrun share a stderr and run unbuffered (python -u), where print's
+    # text and newline go out separately and another rank's line could land between them
+    sys.stderr.write(f"image-logreg: error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
     return code
 
 
@@ -57,8 +70,20 @@ def emit_json(data) -> None:
 
 
 def cmd_train(args) -> int:
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1:
+        from .distributed import launch
+        from .files import refuse_existing
+
+        if args.out:  # one line now, rather than rank 0's refusal and the others' lost contact
+            refuse_existing(args.out, args.overwrite, "--out directory")
+        return launch(args.nproc, args.argv)
     from .run import train_run
     from .settings import preset
+
+    if env_rank() != 0:  # the other ranks train in silence: rank 0 logs and prints the results
+        args.quiet, args.json, args.report = True, False, False
 
     given = {
         "dataset": args.dataset,
@@ -77,6 +102,7 @@ def cmd_train(args) -> int:
         "tolerance": args.tolerance,
         "seed": args.seed,
         "deskew": args.deskew,
+        "max_memory": args.max_memory,
         **image_options(args),
     }
     config = preset(args.preset, given)  # flags left out (None) come from the preset, else the defaults
@@ -91,6 +117,8 @@ def cmd_train(args) -> int:
             summary["report"] = str(write_report(summary["run_dir"], args.data_dir, download=not args.no_download))
         except ImageLogregError as exc:  # say the run itself is safe, not just what went wrong
             raise type(exc)(f"run saved to {summary['run_dir']}, but its report failed: {exc}") from None
+    if env_rank() != 0:
+        return 0
     if args.json:
         emit_json(summary)
     else:
@@ -263,7 +291,7 @@ def cmd_sweep(args) -> int:
     shared = {k: v for k, v in chosen.items() if k not in SWEEP_SETTINGS}
     fixed = {"dataset": args.dataset, "data_dir": args.data_dir, "download": not args.no_download,
              "device": args.device, "epochs": TrainConfig().epochs, "seed": args.seed, "deskew": args.deskew,
-             **{k: v for k, v in image_options(args).items() if v is not None}, **shared}
+             "max_memory": args.max_memory, **{k: v for k, v in image_options(args).items() if v is not None}, **shared}
     result = run_sweep(grid, fixed, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log)
     if args.json:
         emit_json(result)
@@ -302,8 +330,10 @@ def cmd_export(args) -> int:
     if args.format not in FORMATS:  # before loading anything
         raise UsageError(f"unknown export format {args.format!r}; choose from {', '.join(FORMATS)}")
     out = refuse_existing(args.out, args.overwrite, "--out file")
+    from .train import resolve_device
+
     checkpoint = resolve_checkpoint(args.model)
-    model, meta = load_model(checkpoint, dataset=args.dataset)
+    model, meta = load_model(checkpoint, dataset=args.dataset, device=resolve_device(getattr(args, "device", "cpu")))
     path = export_model(model, meta, out, args.format)
     shape = ["batch", *model.input_shape]
     result = {"model": str(checkpoint), "format": args.format, "out": str(path), "dataset": meta["dataset"],
@@ -335,8 +365,10 @@ def open_model(args):
     from .checkpoint import load_model, resolve_checkpoint
     from .run import data_dir_for
 
+    from .train import resolve_device
+
     checkpoint = resolve_checkpoint(args.model)
-    model, meta = load_model(checkpoint, dataset=args.dataset)
+    model, meta = load_model(checkpoint, dataset=args.dataset, device=resolve_device(getattr(args, "device", "cpu")))
     return model, meta, checkpoint, data_dir_for(checkpoint, args.data_dir)
 
 
@@ -390,6 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
         p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+        p.add_argument("--max-memory", default=None, metavar="SIZE", help=(
+            "memory the training inputs may take as floats, e.g. 4G or 800M; a larger set is streamed "
+            "batch by batch from its uint8 file (default: half of this machine's memory)"
+        ))
 
     tutorial = PRESETS["tutorial"]
     preset_help = (
@@ -430,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="log TensorBoard events to the run's tensorboard/ folder, or to DIR/<run name> (needs image-logreg[tensorboard])",
     )
     p.add_argument("--report", action="store_true", help="also write report.html into the run directory (see `report`)")
+    p.add_argument(
+        "--nproc", type=int, default=1, metavar="N",
+        help="train data-parallel in N processes on this machine, launched with torchrun (default: %(default)s, no torchrun)",
+    )
     p.set_defaults(func=cmd_train)
 
     def model_flags(p):

@@ -8,6 +8,8 @@ and ``history.csv`` (per-epoch metrics), ``model.safetensors`` (weights + metada
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import platform
@@ -20,6 +22,8 @@ import torch
 from . import __version__
 from .checkpoint import CHECKPOINT_NAME, save_model
 from .data import ImageSet, check_val_fraction, load_split, prepare_inputs, preprocessing_for, split_indices, subset_indices
+from .distributed import Group, session
+from .stream import StreamedImages, float_bytes, human_bytes, parse_memory
 from .errors import DataError, UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
 from .metrics import evaluate
@@ -30,6 +34,8 @@ from .train import TrainConfig, fit, resolve_device
 FINAL_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # a run's last epoch, in summaries
 SOURCE_FILE = "source.json"  # folder and CSV runs: the decode settings and each split's files
 SKIPPED_FILE = "skipped.json"  # folder and CSV runs with unusable files: each one and why
+# Settings that may differ between the ranks of one run: where each finds its data and keeps its cache.
+LOCAL_SETTINGS = ("data_dir", "cache_dir", "no_cache", "download", "max_memory", "streamed")
 
 
 def default_config(**overrides) -> dict:
@@ -49,6 +55,7 @@ def check_data_config(config: dict) -> None:
     from .sources.images import DecodeSettings, parse_image_size
 
     check_val_fraction(config["val_fraction"])
+    config["max_memory"] = parse_memory(config.get("max_memory"))
     subset = config.get("train_subset")
     if subset is not None and subset < 1:  # 0 must not quietly mean "all"
         raise UsageError(f"--train-subset must be at least 1, got {subset}")
@@ -144,29 +151,63 @@ def train_run(
         from .sources.images import parse_image_size
 
         config["image_size"] = list(parse_image_size(config["image_size"]))
-    device = resolve_device(config["device"])
     out = Path(out) if out else default_run_dir("runs", config["dataset"])
+    # under torchrun, every rank trains; rank 0 alone speaks and writes the run directory
+    with session(resolve_device(config["device"])) as (group, device):
+        if not group.main:
+            progress, log, tensorboard = False, _quiet, None
+        history, seconds = _train_and_save(config, cfg, out, overwrite, progress, log, tensorboard, group, device)
+        group.barrier()  # a rank finishes only once the run is saved: a failure there fails them all
+    log = log or _quiet
+
+    final = history[-1]
+    summary = {
+        "run_dir": str(out),
+        "epochs": len(history),
+        "seconds": seconds,
+        **{k: final[k] for k in FINAL_METRICS if k in final},  # no val_* without a validation set
+        "history": history,
+    }
+    if "converged" in final:  # L-BFGS says whether it reached the optimum
+        summary["lbfgs"] = {k: final[k] for k in ("converged", "grad_norm", "iterations")}
+        state = "converged" if final["converged"] else "stopped before converging"
+        log(f"L-BFGS {state}: largest gradient entry {final['grad_norm']:.2e} after {final['iterations']} iterations")
+    return summary
+
+
+def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboard, group: Group, device) -> tuple[list[dict], float]:
+    """``train_run``'s work, on one rank of ``group``: (history, seconds of training)."""
     log_warnings = log  # skipped files are worth a line even when progress is quiet (None: stderr)
-    log = log or (lambda msg: None)
+    log = log or _quiet
     if tensorboard:
         from .tensorboard import TensorBoardLogger, require
 
         require()  # a missing package fails before any work
 
-    with staged_dir(out, overwrite) as stage:  # refuses an existing --out before any work
+    # refuses an existing --out before any work; the other ranks write nothing
+    with staged_dir(out, overwrite) if group.main else contextlib.nullcontext() as stage:
         data, test = load_training_data(config, progress, log_warnings)
         split = split_for(config, len(data))
+        # ranks started with other settings or data would average different gradients
+        group.check_same("settings or data", json.dumps({
+            "settings": {k: v for k, v in config.items() if k not in LOCAL_SETTINGS},
+            "images": [len(data), list(data.input_shape), data.classes],
+        }, sort_keys=True, default=str))
         preprocessing = preprocessing_for(config["deskew"], decode_record(config["dataset"], data))
-        x = prepare_inputs(data.images, preprocessing, device)
         y = data.labels.to(device)
         train_idx = torch.tensor(split["train_indices"], dtype=torch.long, device=device)
         val_idx = torch.tensor(split["val_indices"], dtype=torch.long, device=device)  # may be empty: --val-fraction 0
+        x_train, x_val = training_inputs(data, train_idx, val_idx, preprocessing, device, config, cfg)
+        if config["streamed"]:
+            log(f"streaming batches from disk: {human_bytes(float_bytes(len(train_idx) + len(val_idx), data.images))} "
+                f"of inputs exceed --max-memory {human_bytes(config['max_memory'])}")
 
         cfg.epochs = config["epochs"] = cfg.epochs_for(len(train_idx))  # recorded as trained, not as "default"
         torch.manual_seed(cfg.seed)
         model = LogisticRegression(data.input_shape, len(data.classes)).to(device)
         validating = f"validating on {len(val_idx)}" if len(val_idx) else "no validation set"
-        log(f"training on {len(train_idx)} {config['dataset']} images, {validating} ({cfg.describe()}, {cfg.epochs} epochs, {device})")
+        ranks = f", {group.world_size} processes" if group.active else ""
+        log(f"training on {len(train_idx)} {config['dataset']} images, {validating} ({cfg.describe()}, {cfg.epochs} epochs, {device}{ranks})")
 
         board = None
         if tensorboard:  # inside the staging dir by default, so the events move with the run
@@ -185,15 +226,17 @@ def train_run(
 
         start = time.perf_counter()
         try:
-            history = fit(model, x[train_idx], y[train_idx], x[val_idx], y[val_idx], cfg, progress=progress, on_epoch=report)
+            history = fit(model, x_train, y[train_idx], x_val, y[val_idx], cfg, progress=progress, on_epoch=report, group=group)
         except BaseException:
             if board:
                 board.close()
             raise
         seconds = time.perf_counter() - start
+        if not group.main:
+            return history, seconds
 
         final = history[-1]
-        record = dict(config, device_used=str(device), **_environment())
+        record = dict(config, device_used=str(device), world_size=group.world_size, **_environment())
         write_json(stage / "config.json", record)
         write_json(stage / "split.json", split)
         if config["dataset"] in FOLDER_KINDS:
@@ -217,19 +260,25 @@ def train_run(
         plot_curves(history, stage / "curves.png", title=f"{config['dataset']} — logistic regression")
         if board:
             board.finish(model, data.classes, step=len(history))  # closes the event files before the rename
+    return history, seconds
 
-    summary = {
-        "run_dir": str(out),
-        "epochs": len(history),
-        "seconds": seconds,
-        **{k: final[k] for k in FINAL_METRICS if k in final},  # no val_* without a validation set
-        "history": history,
-    }
-    if "converged" in final:  # L-BFGS says whether it reached the optimum
-        summary["lbfgs"] = {k: final[k] for k in ("converged", "grad_norm", "iterations")}
-        state = "converged" if final["converged"] else "stopped before converging"
-        log(f"L-BFGS {state}: largest gradient entry {final['grad_norm']:.2e} after {final['iterations']} iterations")
-    return summary
+
+def training_inputs(data: ImageSet, train_idx, val_idx, preprocessing, device, config: dict, cfg: TrainConfig):
+    """The training and validation inputs: float tensors in memory, or, when their float form
+    exceeds ``config["max_memory"]``, ``StreamedImages`` that read each batch from the uint8 file.
+    Sets ``config["streamed"]``."""
+    need = float_bytes(len(train_idx) + len(val_idx), data.images)
+    config["streamed"] = need > config["max_memory"]
+    if not config["streamed"]:
+        x = prepare_inputs(data.images, preprocessing, device)
+        return x[train_idx], x[val_idx]
+    if cfg.optimizer == "lbfgs":
+        raise UsageError(
+            f"L-BFGS takes full-batch steps over the training set in memory, and its inputs take {human_bytes(need)}, "
+            f"more than --max-memory {human_bytes(config['max_memory'])}; raise --max-memory or use --optimizer adam or sgd"
+        )
+    return (StreamedImages(data.images, train_idx, preprocessing, device, data.mapping),
+            StreamedImages(data.images, val_idx, preprocessing, device, data.mapping))
 
 
 def _environment() -> dict:

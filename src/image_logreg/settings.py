@@ -58,6 +58,8 @@ DATA_DEFAULTS = {
     # how a folder or CSV is loaded: the decoded-image cache
     "cache_dir": None,
     "no_cache": False,
+    # bytes the float training inputs may take before batches are streamed from disk (None: half the memory)
+    "max_memory": None,
 }
 # The settings above that ``load_split`` takes as options, and which of them decide the images.
 IMAGE_OPTIONS = ("image_size", "resize", "color", "test_fraction")

@@ -2,7 +2,8 @@
 
 Batches are slices of a shuffled index into tensors that already sit on the device, so an
 epoch is a few hundred small matrix products and nothing else: no Dataset, no DataLoader,
-no per-sample work in Python.
+no per-sample work in Python. A set too large for memory (``stream.StreamedImages``) gives
+each batch's rows from its uint8 file instead, made float as they are taken.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .distributed import SINGLE, Group
 from .errors import DivergedError, UsageError
-from .metrics import loss_and_accuracy
+from .metrics import logits_of, loss_and_accuracy
 from .settings import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401  (importable from here too)
+from .stream import StreamedImages
 
 SMALL_STEP = 1 << 20  # input elements per step below which one CPU thread is faster than several
 
@@ -62,6 +65,7 @@ def fit(
     *,
     progress: bool = False,
     on_epoch=None,
+    group: Group = SINGLE,
 ) -> list[dict]:
     """Train ``model`` in place; return one record per epoch.
 
@@ -76,25 +80,37 @@ def fit(
     add ``grad_norm`` (largest gradient entry of the regularised objective), ``iterations`` (so
     far) and ``converged``, and training stops early once converged, or once a step makes no
     progress (float32 precision reached before ``tolerance``; ``converged`` is then false).
+
+    ``group`` (see ``distributed``): each rank passes the same data and settings and computes
+    its share of every batch; the summed gradients make every rank take the step one process
+    takes, and the figures in the records are those of the whole sets.
     """
     cfg = (cfg or TrainConfig()).check()
     device = model.device
-    x_train, y_train = x_train.to(device), y_train.to(device)
-    x_train = x_train.reshape(len(x_train), -1)
+    streamed = isinstance(x_train, StreamedImages)
+    if streamed and cfg.optimizer == "lbfgs":
+        raise UsageError("L-BFGS takes full-batch steps over inputs held in memory, not streamed ones")
+    y_train = y_train.to(device)
+    if not streamed:
+        x_train = x_train.to(device).reshape(len(x_train), -1)
     validate = x_val is not None and len(x_val) > 0
     if validate:
-        x_val, y_val = x_val.to(device), y_val.to(device)
+        y_val = y_val.to(device)
+        if not isinstance(x_val, StreamedImages):
+            x_val = x_val.to(device)
+    group.broadcast_params(model)
     optimizer = make_optimizer(model, cfg)
     epochs = cfg.epochs_for(len(x_train))
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     schedule = make_schedule(optimizer, cfg, steps_per_epoch * epochs)
-    targets = F.one_hot(y_train, model.num_classes).to(x_train.dtype)
+    # streamed: a batch's one-hot rows are made with it, so nothing the size of the set is kept
+    targets = None if streamed else F.one_hot(y_train, model.num_classes).to(x_train.dtype)
     shuffler = torch.Generator().manual_seed(cfg.seed)
     show = progress and sys.stderr.isatty()
     minibatch = cfg.optimizer != "lbfgs"
 
     history = []
-    rows_per_step = min(cfg.batch_size, len(x_train)) if minibatch else len(x_train)
+    rows_per_step = (min(cfg.batch_size, len(x_train)) if minibatch else len(x_train)) // group.world_size
     with _single_thread(device.type == "cpu" and rows_per_step * x_train.shape[1] < SMALL_STEP):
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
@@ -107,15 +123,15 @@ def fit(
                     from tqdm import tqdm  # only when a bar is drawn: tqdm's import is not free
 
                     batches = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, file=sys.stderr)
-                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, x_train, y_train, targets, order, cfg.batch_size, batches)
+                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, x_train, y_train, targets, order, cfg.batch_size, batches, group)
             else:
-                grad_max = _lbfgs_epoch(model, optimizer, x_train, y_train, cfg.weight_decay)
+                grad_max = _lbfgs_epoch(model, optimizer, x_train, y_train, targets, cfg.weight_decay, group)
                 iterations = optimizer.state[optimizer.param_groups[0]["params"][0]]["n_iter"]
                 extra = {"grad_norm": grad_max, "iterations": iterations, "converged": grad_max <= cfg.tolerance}
-                train_loss, train_acc = loss_and_accuracy(model, x_train, y_train)
+                train_loss, train_acc = _chunked_loss_and_accuracy(model, x_train, y_train, group)
             record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc}
             if validate:
-                record["val_loss"], record["val_accuracy"] = loss_and_accuracy(model, x_val, y_val)
+                record["val_loss"], record["val_accuracy"] = _loss_and_accuracy(model, x_val, y_val, group)
             record.update(lr=lr, seconds=time.perf_counter() - start, **extra)
             if not (math.isfinite(train_loss) and math.isfinite(record.get("val_loss", 0.0))):
                 raise DivergedError(
@@ -149,36 +165,55 @@ def _single_thread(enabled: bool):
 
 
 @torch.no_grad()
-def _minibatch_epoch(model, optimizer, schedule, x, y, targets, order, batch_size, batches) -> tuple[float, float]:
-    """One pass over shuffled batches; returns the running mean loss and accuracy."""
+def _minibatch_epoch(model, optimizer, schedule, x, y, targets, order, batch_size, batches, group: Group = SINGLE) -> tuple[float, float]:
+    """One pass over shuffled batches; returns the running mean loss and accuracy.
+
+    With several ranks, each takes its slice of every batch of the shared shuffle; its gradient
+    is divided by the whole batch's size, so the sum over the ranks is the batch's mean gradient.
+    """
     model.train()
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
     for i in batches:
         idx = order[i : i + batch_size]
-        batch_loss, batch_correct = batch_gradient(model, x.index_select(0, idx), y.index_select(0, idx), targets.index_select(0, idx))
+        rows = len(idx)
+        if group.active:
+            idx = idx[group.shard(rows)]
+        yb = y.index_select(0, idx)
+        if targets is None:  # streamed
+            xb, hot = x.take(idx), F.one_hot(yb, model.num_classes).to(torch.float32)
+        else:
+            xb, hot = x.index_select(0, idx), targets.index_select(0, idx)
+        batch_loss, batch_correct = batch_gradient(model, xb, yb, hot, rows)
+        group.all_reduce_grads(model.parameters())
         optimizer.step()
         if schedule is not None:
             schedule.step()
         loss_sum += batch_loss
         correct += batch_correct
+    if group.active:
+        totals = group.all_reduce(torch.stack([loss_sum.double(), correct.double()]))
+        return totals[0].item() / len(x), totals[1].item() / len(x)
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
-def batch_gradient(model, xb: torch.Tensor, yb: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_gradient(
+    model, xb: torch.Tensor, yb: torch.Tensor, onehot: torch.Tensor, rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Set the gradient of the mean cross-entropy on a batch; return (summed loss, correct).
 
     For softmax regression the gradient has a closed form: with p = softmax(x W^T + b),
     dL/dW = (p - onehot)^T x / n and dL/db = mean(p - onehot). Written out, it is the same
     arithmetic autograd would do, without the cost of recording and replaying a graph, which
-    at these sizes is most of a step. ``xb`` is flat (n x features).
+    at these sizes is most of a step. ``xb`` is flat (n x features). ``rows`` (default: the
+    rows of ``xb``) is the n to divide by: a rank's share of a batch divides by the whole batch's.
     """
     weight, bias = model.linear.weight, model.linear.bias
     logits = torch.addmm(bias, xb, weight.t())
     log_p = logits.log_softmax(1)
     loss_sum = -(log_p * onehot).sum()
     correct = (logits.argmax(1) == yb).sum()
-    residual = log_p.exp_().sub_(onehot).div_(len(xb))
+    residual = log_p.exp_().sub_(onehot).div_(len(xb) if rows is None else rows)
     weight.grad = residual.t().mm(xb)
     bias.grad = residual.sum(0)
     return loss_sum, correct
@@ -192,15 +227,120 @@ def regularised_loss(model, x, y, weight_decay: float) -> torch.Tensor:
     return loss
 
 
-def _lbfgs_epoch(model, optimizer, x, y, weight_decay: float) -> float:
+def _lbfgs_epoch(model, optimizer, x, y, onehot, weight_decay: float, group: Group = SINGLE) -> float:
     """One full-batch L-BFGS step; returns the largest gradient entry at the new point."""
 
     def closure():
-        optimizer.zero_grad(set_to_none=True)
-        loss = regularised_loss(model, x, y, weight_decay)
-        loss.backward()
-        return loss
+        return full_objective(model, x, y, onehot, weight_decay, group)
 
     optimizer.step(closure)
     closure()  # the gradient where the step ended, to judge convergence
     return max(p.grad.abs().max().item() for p in model.parameters())
+
+
+# Full-batch sums are cut into this many pieces (fewer for a large model or a tiny set), each
+# summed on its own, then added up in a fixed order. The pieces do not depend on the number of
+# ranks, so one process and any number of ranks do exactly the same arithmetic: L-BFGS feeds
+# every rounding difference back into its curvature estimates and line searches, and after a
+# few dozen iterations a reordered sum alone moves the weights by 1e-5 to 1e-3.
+CHUNKS = 64
+CHUNK_BUFFER = 1 << 22  # floats: the partial gradients summed across ranks at each evaluation
+
+
+def chunk_bounds(n: int, parameters: int) -> list[tuple[int, int]]:
+    """The fixed pieces ``[lo, hi)`` of ``n`` rows that full-batch sums are taken over."""
+    k = max(1, min(CHUNKS, n, max(8, CHUNK_BUFFER // max(parameters, 1))))
+    return [(n * c // k, n * (c + 1) // k) for c in range(k)]
+
+
+def _each_piece(piece, chunks: range, device: torch.device) -> None:
+    """Run ``piece(c)`` for each chunk, each on one CPU thread, the chunks spread over as many
+    threads as torch would use.
+
+    A matrix product split between threads rounds differently from the same product on one (the
+    split changes which kernel handles which columns), so a piece must not depend on the thread
+    count: then a process with 16 threads and ranks with one each compute the same bits.
+    """
+    if device.type != "cpu":
+        for c in chunks:
+            piece(c)
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if threads == 1 or len(chunks) == 1:
+            for c in chunks:
+                piece(c)
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def untracked(c):  # grad mode is per thread: a worker starts with autograd on
+                with torch.no_grad():
+                    piece(c)
+
+            with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+                list(pool.map(untracked, chunks))  # list(): raises a piece's error here
+    finally:
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def full_objective(model, x, y, onehot, weight_decay: float, group: Group = SINGLE) -> torch.Tensor:
+    """Set the gradient of the regularised objective on all of ``(x, y)``; return the objective.
+
+    The objective is mean cross-entropy + ``weight_decay/2 * ||theta||^2``, its gradient in the
+    closed form of ``batch_gradient``. Each rank computes the pieces (``chunk_bounds``) in its
+    share and leaves the others' rows of the buffer zero: summing the buffers across ranks is
+    then exact, and every rank adds the pieces up in the same order.
+    """
+    weight, bias = model.linear.weight, model.linear.bias
+    n, w = len(x), weight.numel()
+    bounds = chunk_bounds(n, w + bias.numel())
+    parts = torch.zeros(len(bounds), w + bias.numel() + 1, dtype=x.dtype, device=x.device)
+
+    def piece(c):
+        lo, hi = bounds[c]
+        xb, hot = x[lo:hi], onehot[lo:hi]
+        log_p = torch.addmm(bias, xb, weight.t()).log_softmax(1)
+        parts[c, -1] = -(log_p * hot).sum()
+        residual = log_p.exp_().sub_(hot)
+        parts[c, :w] = residual.t().mm(xb).reshape(-1)
+        parts[c, w:-1] = residual.sum(0)
+
+    _each_piece(piece, range(len(bounds))[group.shard(len(bounds))], x.device)
+    group.all_reduce(parts)
+    total = parts[:, :-1].sum(0).div_(n)
+    weight.grad, bias.grad = total[:w].view_as(weight).clone(), total[w:].clone()
+    loss = parts[:, -1].double().sum() / n
+    if weight_decay:
+        loss = loss + 0.5 * weight_decay * sum(p.double().pow(2).sum() for p in (weight, bias))
+        for p in (weight, bias):
+            p.grad.add_(p, alpha=weight_decay)
+    return loss
+
+
+def _loss_and_accuracy(model, x, y, group: Group = SINGLE) -> tuple[float, float]:
+    """``loss_and_accuracy`` over all of ``(x, y)``; with several ranks, each takes its share."""
+    if not group.active:
+        return loss_and_accuracy(model, x, y)
+    return _chunked_loss_and_accuracy(model, x, y, group)
+
+
+@torch.no_grad()
+def _chunked_loss_and_accuracy(model, x, y, group: Group = SINGLE) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over ``(x, y)``, summed piece by piece as ``full_objective``
+    sums: the same figures on any number of ranks (L-BFGS stops on them when they stall)."""
+    bounds = chunk_bounds(len(x), model.linear.weight.numel() + model.linear.bias.numel())
+    parts = torch.zeros(len(bounds), 2, dtype=torch.float64, device=x.device)
+    weight, bias = model.linear.weight, model.linear.bias
+
+    def piece(c):
+        lo, hi = bounds[c]
+        logits = torch.addmm(bias, x[lo:hi].reshape(hi - lo, -1), weight.t())
+        parts[c, 0] = F.cross_entropy(logits, y[lo:hi], reduction="sum").double()
+        parts[c, 1] = (logits.argmax(1) == y[lo:hi]).sum().double()
+
+    _each_piece(piece, range(len(bounds))[group.shard(len(bounds))], x.device)
+    group.all_reduce(parts)
+    totals = parts.sum(0)
+    return totals[0].item() / len(y), totals[1].item() / len(y)
