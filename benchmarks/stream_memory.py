@@ -7,7 +7,7 @@
    two pixels (25 shifts, in turn); MNIST's own test files beside them). As float32 it would
    take four times that. It is written once and reused while its size is right.
 2. Trains one epoch on it with ``--max-memory 1G`` in a fresh process (batches gathered from the
-   memory-mapped file), and reads that process's peak resident memory (``VmHWM``) as it ends.
+   file, one pread a row), and reads that process's peak resident memory (``VmHWM``) as it ends.
    Target: under 1.5 GiB.
 3. Same run, a set that fits: MNIST's 60,000 training images, 3 epochs in memory and 3 epochs
    streamed (``--max-memory 1M`` forces it), alternating; the median epoch time of each. Target:

@@ -24,6 +24,12 @@ TIMEOUT = 180  # seconds for any launch: a hang fails the test instead of the wh
 SMALL = ["--train-subset", "2000", "--val-fraction", "0.05", "--epochs", "2", "--quiet", "--no-download"]
 
 
+@pytest.fixture(autouse=True)
+def own_temporary_directory(tmp_path, monkeypatch):
+    """torchrun leaves its log folders in the temporary directory: here, the test's own."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def env() -> dict:
     """The ranks talk over loopback only, and give up on a lost peer within a minute."""
     return dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", IMAGE_LOGREG_DIST_TIMEOUT="60")
@@ -119,6 +125,7 @@ def test_the_nproc_shortcut_launches_torchrun_and_passes_its_status(capsys, real
     # an existing --out is refused before any rank starts
     done = subprocess.run([*cli, "--out", str(out), *SMALL], capture_output=True, text=True, env=env(), timeout=TIMEOUT)
     assert done.returncode == 2 and len(errors(done.stderr)) == 1 and "already exists" in done.stderr, done.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("torchelastic_", "image-logreg-torchrun-"))]
 
 
 def launch_nodes(node_args: list[list[str]], rdzv: str = "c10d") -> list[subprocess.CompletedProcess]:

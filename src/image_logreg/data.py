@@ -15,6 +15,7 @@ import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,8 +37,9 @@ class ImageSet:
     # folder and CSV datasets: the files of this split, those skipped, the decode settings
     # and held-out test indices, as plain data for the run to save (see sources.folder)
     source: dict = field(default_factory=dict)
-    # the memory map ``images`` are read through (an IDX file, a folder's cache), or None
-    mapping: object = field(default=None, repr=False, compare=False)
+    # where ``images`` lie in a file, when they are memory-mapped from one (an IDX file, a
+    # folder's cache): streaming reads batches from there; None for images held in memory
+    file: FileRegion | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -100,17 +102,37 @@ def load_split(
         raise DataError(f"{label_file} holds no samples")
     if int(labels.min()) < 0 or int(labels.max()) >= len(classes):
         raise DataError(f"{label_file} has labels outside 0..{len(classes) - 1}; the file is corrupt")
-    return ImageSet(images, labels, classes, name, split, mapping=mapping_of(array))
+    return ImageSet(images, labels, classes, name, split, file=file_region(array))
 
 
-def mapping_of(array):
-    """The ``mmap`` a numpy array's memory comes from (``np.memmap``, ``np.load(mmap_mode=...)``), if any."""
+class FileRegion(NamedTuple):
+    """Where a C-contiguous uint8 array's bytes lie in a file: row ``r`` of rows of ``b`` bytes
+    starts at ``offset + r * b``."""
+
+    path: str
+    offset: int
+
+
+def file_region(array) -> FileRegion | None:
+    """The file region a numpy array maps (``np.memmap``, ``np.load(mmap_mode=...)``), if any.
+
+    ``array`` may be a view of the map (a reshape, say) as long as it is C-contiguous.
+    """
     import mmap
 
-    for _ in range(16):  # views of views: a short chain to the array that owns the memory
-        if array is None or isinstance(array, mmap.mmap):
-            return array
-        array = getattr(array, "_mmap", None) or getattr(array, "base", None)
+    import numpy as np
+
+    if not isinstance(array, np.ndarray) or not array.flags.c_contiguous:
+        return None
+    owner = array
+    for _ in range(16):  # views of views: a short chain to the memmap made over the mmap
+        if isinstance(owner, np.memmap) and isinstance(owner.base, mmap.mmap) and owner.filename:
+            # a view is a memmap too, with the map's offset: count from the map's own first byte
+            start = array.__array_interface__["data"][0] - owner.__array_interface__["data"][0]
+            return FileRegion(str(owner.filename), owner.offset + start)
+        owner = owner.base
+        if not isinstance(owner, np.ndarray):
+            return None
     return None
 
 

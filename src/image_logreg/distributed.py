@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 
 from .errors import ImageLogregError, UsageError
@@ -245,11 +246,14 @@ def launch(nproc: int, argv: list[str]) -> int:
     loopback = {"linux": "lo", "darwin": "lo0"}.get(sys.platform)
     if loopback:
         env.setdefault("GLOO_SOCKET_IFNAME", loopback)
-    with subprocess.Popen([sys.executable, "-m", "image_logreg.distributed", *torchrun_args(nproc, argv)], env=env) as proc:
-        try:
-            code = proc.wait()
-        except KeyboardInterrupt:  # the ranks got the ^C too: let torchrun stop them and report
-            code = proc.wait()
+    # torchrun keeps a folder of (empty) log folders in the temporary directory, and leaves it there
+    with tempfile.TemporaryDirectory(prefix="image-logreg-torchrun-") as scratch:
+        env["TMPDIR"] = scratch
+        with subprocess.Popen([sys.executable, "-m", "image_logreg.distributed", *torchrun_args(nproc, argv)], env=env) as proc:
+            try:
+                code = proc.wait()
+            except KeyboardInterrupt:  # the ranks got the ^C too: let torchrun stop them and report
+                code = proc.wait()
     return 128 - code if code < 0 else code
 
 

@@ -42,7 +42,35 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2) + "\n")
+    """``data`` as indented JSON. A dict's values may be 1-D integer tensors or arrays (a run's
+    split: millions of indices), written compactly on one line, a block at a time, without
+    becoming a Python list first."""
+    if not isinstance(data, dict) or not any(_is_array(v) for v in data.values()):
+        return write_text(path, json.dumps(data, indent=2) + "\n")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write("{")
+        for i, (key, value) in enumerate(data.items()):
+            f.write(("," if i else "") + "\n  " + json.dumps(key) + ": ")
+            if _is_array(value):
+                _write_integers(f, value)
+            else:
+                f.write(json.dumps(value, indent=2).replace("\n", "\n  "))
+        f.write("\n}\n")
+    return Path(path)
+
+
+ARRAY_BLOCK = 1 << 16  # integers formatted at a time
+
+
+def _is_array(value) -> bool:
+    return hasattr(value, "tolist") and getattr(value, "ndim", 0) == 1
+
+
+def _write_integers(f, values) -> None:
+    f.write("[")
+    for start in range(0, len(values), ARRAY_BLOCK):
+        f.write(("," if start else "") + ",".join(map(str, values[start : start + ARRAY_BLOCK].tolist())))
+    f.write("]")
 
 
 def read_json(path: str | os.PathLike):

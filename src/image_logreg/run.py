@@ -117,7 +117,7 @@ def source_record(train: ImageSet, test: ImageSet | None) -> dict:
 
 
 def split_for(config: dict, n: int) -> dict:
-    """The seeded train/validation split (and optional training subset) as plain lists."""
+    """The seeded train/validation split (and optional training subset): settings, and index tensors."""
     train_idx, val_idx = split_indices(n, config["val_fraction"], config["seed"])
     if config.get("train_subset") is not None:
         train_idx = subset_indices(train_idx, int(config["train_subset"]), config["seed"])
@@ -126,8 +126,8 @@ def split_for(config: dict, n: int) -> dict:
         "val_fraction": config["val_fraction"],
         "seed": config["seed"],
         "train_subset": config.get("train_subset"),
-        "train_indices": train_idx.tolist(),
-        "val_indices": val_idx.tolist(),
+        "train_indices": train_idx,  # tensors: write_json writes them a block at a time
+        "val_indices": val_idx,
     }
 
 
@@ -195,8 +195,8 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
         }, sort_keys=True, default=str))
         preprocessing = preprocessing_for(config["deskew"], decode_record(config["dataset"], data))
         y = data.labels.to(device)
-        train_idx = torch.tensor(split["train_indices"], dtype=torch.long, device=device)
-        val_idx = torch.tensor(split["val_indices"], dtype=torch.long, device=device)  # may be empty: --val-fraction 0
+        train_idx = split["train_indices"].to(device)
+        val_idx = split["val_indices"].to(device)  # may be empty: --val-fraction 0
         x_train, x_val = training_inputs(data, train_idx, val_idx, preprocessing, device, config, cfg)
         if config["streamed"]:
             log(f"streaming batches from disk: {human_bytes(float_bytes(len(train_idx) + len(val_idx), data.images))} "
@@ -277,8 +277,8 @@ def training_inputs(data: ImageSet, train_idx, val_idx, preprocessing, device, c
             f"L-BFGS takes full-batch steps over the training set in memory, and its inputs take {human_bytes(need)}, "
             f"more than --max-memory {human_bytes(config['max_memory'])}; raise --max-memory or use --optimizer adam or sgd"
         )
-    return (StreamedImages(data.images, train_idx, preprocessing, device, data.mapping),
-            StreamedImages(data.images, val_idx, preprocessing, device, data.mapping))
+    return (StreamedImages(data.images, train_idx, preprocessing, device, data.file),
+            StreamedImages(data.images, val_idx, preprocessing, device, data.file))
 
 
 def _environment() -> dict:

@@ -1,30 +1,32 @@
-"""Training sets larger than memory: batches gathered from the uint8 file and made float one at a time.
+"""Training sets larger than memory: batches read from the uint8 file and made float one at a time.
 
 In memory, a split is scaled to float32 once (4 bytes a pixel) and batches are slices of it.
-When that float form would not fit ``--max-memory``, the images stay in their memory-mapped
-uint8 array (the IDX file, or a folder's decoded-image cache) and each batch's rows are
-gathered from it and passed through the same ``prepare_inputs``, so every batch holds the same
-numbers as in memory and the weights come out the same to the bit.
+When that float form would not fit ``--max-memory``, each batch's rows are read from the uint8
+file the images are mapped from (the IDX file, or a folder's decoded-image cache) and passed
+through the same ``prepare_inputs``, so every batch holds the same numbers as in memory and the
+weights come out the same to the bit.
 
-Pages of a mapped file count towards the process's resident memory once read, until they are
-released, and the kernel has no reason to release them while memory is plentiful. So the
-mapping is told to drop them (``MADV_DONTNEED``: the page cache keeps them, and the next read is
-a cheap minor fault) after every ``RELEASE_BYTES`` of rows read.
+Rows are read with one ``pread`` each rather than through the memory map. A page of a mapped
+file, once touched, counts towards the process's resident memory until the kernel reclaims it,
+and a touch maps its neighbours too (fault-around: 64 KiB for a 784-byte row), so gathering
+random rows through the map grows the process by the whole file within an epoch, and costs
+more per row than the system call. Read rows stay in the page cache, which is not the
+process's memory and which the kernel gives back as it needs.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import mmap
 import os
 import re
 
+import numpy as np
 import torch
 
 from .data import prepare_inputs
-from .errors import UsageError
+from .errors import DataError, UsageError
 
-RELEASE_BYTES = 256 << 20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
 
@@ -70,17 +72,18 @@ class StreamedImages:
 
     Indexing (``x.take(idx)``, ``x[a:b]``) gives flat float32 rows (n x features) on ``device``,
     exactly what ``prepare_inputs(images[rows], ...)`` would have held at those positions.
-    ``mapping`` is the memory map behind ``images`` (None: nothing to release).
+    ``file`` (``data.FileRegion``) is where ``images`` lie on disk: rows are then read from
+    there; without it they are gathered from ``images`` in memory.
     """
 
-    def __init__(self, images: torch.Tensor, rows: torch.Tensor, preprocessing: dict | None, device, mapping=None):
+    def __init__(self, images: torch.Tensor, rows: torch.Tensor, preprocessing: dict | None, device, file=None):
         self.images = images
         self.rows = rows.cpu()
         self.preprocessing = preprocessing
         self.device = torch.device(device)
-        self.mapping = mapping
         self.features = math.prod(images.shape[1:])
-        self._read_since_release = 0
+        self.file = file
+        self._fd = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -90,22 +93,32 @@ class StreamedImages:
         return (len(self.rows), self.features)
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
-        picked = self.images.index_select(0, self.rows.index_select(0, idx.cpu()))
-        self._count(picked.numel())
-        return prepare_inputs(picked, self.preprocessing, self.device).reshape(len(picked), -1)
+        picked = self.rows.index_select(0, idx.cpu())
+        raw = self._read(picked) if self.file is not None else self.images.index_select(0, picked)
+        return prepare_inputs(raw, self.preprocessing, self.device).reshape(len(picked), -1)
 
     def __getitem__(self, part: slice) -> torch.Tensor:
         start, stop, step = part.indices(len(self))
         return self.take(torch.arange(start, stop, step))
 
-    def _count(self, nbytes: int) -> None:
-        self._read_since_release += nbytes
-        if self._read_since_release >= RELEASE_BYTES:
-            release(self.mapping)
-            self._read_since_release = 0
+    def _read(self, picked: torch.Tensor) -> torch.Tensor:
+        """Rows ``picked`` of the file, one ``pread`` each, into a fresh uint8 batch."""
+        if self._fd is None:
+            self._fd = os.open(self.file.path, os.O_RDONLY)
+        size = self.features  # uint8: a row's bytes
+        batch = np.empty(len(picked) * size, dtype=np.uint8)
+        flat = memoryview(batch)
+        buffers = [[flat[at : at + size]] for at in range(0, len(batch), size)]
+        offsets = (picked * size + self.file.offset).tolist()
+        got = list(map(os.preadv, itertools.repeat(self._fd), buffers, offsets))
+        if any(n != size for n in got):
+            raise DataError(f"{self.file.path} ended early: it changed while training read it")
+        return torch.from_numpy(batch).reshape(len(picked), *self.images.shape[1:])
 
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
-def release(mapping) -> None:
-    """Drop a read-only mapping's pages from this process's resident memory (they stay cached)."""
-    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        mapping.madvise(mmap.MADV_DONTNEED)
+    def __del__(self):
+        self.close()

@@ -80,10 +80,10 @@ def load_classic(name: str, data_dir, split: str, download: bool = True):
 def _image_set(images: np.ndarray, labels: np.ndarray, classes: list[str], name: str, split: str):
     import torch
 
-    from ..data import ImageSet, mapping_of
+    from ..data import ImageSet, file_region
 
     labels = torch.from_numpy(labels.astype(np.int64))
-    return ImageSet(torch.from_numpy(images), labels, classes, name, split, mapping=mapping_of(images))
+    return ImageSet(torch.from_numpy(images), labels, classes, name, split, file=file_region(images))
 
 
 # --- KMNIST and EMNIST: IDX files -----------------------------------------------------------

@@ -543,11 +543,11 @@ def _source_record(listing, collection, settings, chosen, test_positions, test_f
 def _image_set(images: np.ndarray, labels: np.ndarray, listing: Listing, split: str, source: dict):
     import torch
 
-    from ..data import ImageSet, mapping_of
+    from ..data import ImageSet, file_region
 
     labels = torch.from_numpy(np.ascontiguousarray(labels))
     return ImageSet(torch.from_numpy(images), labels, list(listing.classes), listing.kind, split, source=source,
-                    mapping=mapping_of(images))
+                    file=file_region(images))
 
 
 def _count(n: int, noun: str) -> str:
