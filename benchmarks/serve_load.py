@@ -219,7 +219,8 @@ def render(figures: dict) -> str:
     lines = [
         f"Measured {date.today()} on {machine('torch', 'fastapi', 'uvicorn')}, HTTP parser {parser_name(figures['http'])}; "
         "server and load generator share the machine.",
-        f"Reproduce: `python benchmarks/serve_load.py --data-dir ../shared/data --update-results` "
+        f"Reproduce: `python benchmarks/serve_load.py --data-dir ../shared/data"
+        f"{'' if figures['http'] == 'auto' else ' --http ' + figures['http']} --update-results` "
         f"({figures['count']:,} requests per scenario, {figures['batch_count']} for batches; {CONCURRENCY} concurrent).",
         "",
         "| scenario | req/s | images/s | p50 | p99 | errors |",
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--model", default=None, help="run directory to serve (default: train one with the defaults)")
-    parser.add_argument("--requests", type=int, default=3000, help="requests per single-image scenario")
+    parser.add_argument("--requests", type=int, default=10000, help="requests per single-image scenario")
     parser.add_argument("--batch-requests", type=int, default=200, help="requests of 256 images")
     parser.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto", help="the server's HTTP parser")
     parser.add_argument("--update-results", action="store_true", help="write the figures into results.md and the README")

@@ -119,12 +119,29 @@ def test_rgb_jpeg_and_multi_frame_gif_are_read(tmp_path):
         assert np.abs(digit.astype(int) - reference).mean() < 4, name
 
 
-def test_phone_photo_orientation_is_applied(tmp_path):
+@pytest.mark.parametrize("where", ["jpeg exif", "png exif", "png text exif", "png xmp"])
+def test_phone_photo_orientation_is_applied(tmp_path, where):
+    """Orientation 6 (shown turned 90 degrees, as phones save portrait photos), wherever a file keeps it."""
+    from PIL import PngImagePlugin
+
     exif = Image.Exif()
-    exif[0x0112] = 6  # EXIF Orientation: shown turned 90 degrees, as phones save portrait photos
-    path = tmp_path / "photo.jpg"
-    Image.fromarray(draw_seven()).save(path, exif=exif)
+    exif[0x0112] = 6
+    picture = Image.fromarray(draw_seven())
+    path = tmp_path / ("photo.jpg" if where.startswith("jpeg") else "photo.png")
+    if where in ("jpeg exif", "png exif"):
+        picture.save(path, exif=exif)
+    else:
+        info = PngImagePlugin.PngInfo()
+        if where == "png xmp":
+            info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+        else:  # ImageMagick's way: the EXIF block in hex in a text chunk
+            data = exif.tobytes()
+            info.add_text("Raw profile type exif", f"\nexif\n{len(data):8}\n{data.hex()}\n")
+        picture.save(path, pnginfo=info)
     assert read_grayscale(path).shape == (160, 220)
+    assert read_grayscale(path.read_bytes()).shape == (160, 220)
+    picture.save(tmp_path / "plain.png")
+    assert read_grayscale(tmp_path / "plain.png").shape == (220, 160)
 
 
 # --- normalisation --------------------------------------------------------------------------

@@ -232,14 +232,16 @@ def prepare_inputs(images: torch.Tensor, preprocessing: dict | None, device: tor
     what it was trained on. Floating images (the served protocol's FP32) are taken as
     already scaled to 0-1, and get the same steps but the scaling.
     """
-    images = images.to(device) if images.dtype == torch.uint8 else images.to(device, torch.float32)
-    if preprocessing and preprocessing.get("deskew"):
-        if images.dim() == 4:  # N x C x H x W: deskewing measures the slant of gray strokes
-            raise UsageError("--deskew works on grayscale images only; these are colour (use --color gray)")
-        from .deskew import deskew
+    uint8 = images.dtype == torch.uint8
+    if not (preprocessing and preprocessing.get("deskew")):
+        return to_float(images, device) if uint8 else images.to(device, torch.float32)
+    if images.dim() == 4:  # N x C x H x W: deskewing measures the slant of gray strokes
+        raise UsageError("--deskew works on grayscale images only; these are colour (use --color gray)")
+    from .deskew import deskew
 
-        images = deskew(images)
-    return to_float(images, device) if images.dtype == torch.uint8 else images
+    # uint8 images are deskewed as uint8 (rounded to whole pixel values), then scaled
+    images = deskew(images.to(device) if uint8 else images.to(device, torch.float32))
+    return to_float(images, device) if uint8 else images
 
 
 def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

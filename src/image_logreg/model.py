@@ -25,9 +25,11 @@ class LogisticRegression(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x.reshape(x.shape[0], -1))
 
-    @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softmax(self(x), dim=1)
+        # forward's arithmetic, without the module call and decorator machinery: for one image
+        # served over HTTP that machinery costs as much as the arithmetic
+        with torch.no_grad():
+            return F.softmax(F.linear(x.reshape(x.shape[0], -1), self.linear.weight, self.linear.bias), dim=1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ def _decode(open_source, label: str, convert):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(open_source(), formats=_FORMATS) as image:
                 image.load()  # decode now, so a truncated file fails here and not later
-                ImageOps.exif_transpose(image, in_place=True)
+                _upright(image)
                 return convert(image)
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
@@ -148,6 +148,18 @@ def _decode(open_source, label: str, convert):
         raise ImageError(f"{label}: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as error:
         raise ImageError(f"{label}: truncated or corrupt image ({_one_line(error)})") from None
+
+
+# Where Pillow finds an orientation in a PNG: EXIF (eXIf, or ImageMagick's text chunk) or XMP.
+_PNG_ORIENTATION = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def _upright(image: Image.Image) -> None:
+    """Apply the image's EXIF orientation in place. A PNG without any chunk that could state one
+    is upright as stored (asking Pillow would build and parse an empty EXIF block)."""
+    if image.format == "PNG" and not any(key in image.info for key in _PNG_ORIENTATION):
+        return
+    ImageOps.exif_transpose(image, in_place=True)
 
 
 def _to_gray_array(image: Image.Image) -> np.ndarray:
@@ -207,7 +219,7 @@ def _digit_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """A plain 8-bit gray dataset sample as its own uint8 pixels (what ``normalize_digit`` would
     return for it, without the trip through floats); any other image as ``read_grayscale`` reads it."""
     if image.mode == "L" and not image.has_transparency_data and image.size == (size[1], size[0]):
-        pixels = np.asarray(image)
+        pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(size)  # read-only: copied if kept
         if _already_dataset_form(pixels, size, dark=_DARK * 255):
             return pixels.copy()
     return _to_gray_array(image)

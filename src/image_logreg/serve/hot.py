@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import parse_qsl
 
-from starlette.datastructures import QueryParams
 
 from ..errors import ImageError, ImageTooLargeError
 from .guard import send_json
@@ -68,9 +68,9 @@ class HotRoutes:
             if key == b"content-type":
                 content_type = value
                 break
-        return await self.inference.predict(
-            QueryParams(scope["query_string"]), content_type.decode("latin-1"), scope, receive,
-        )
+        # what Starlette's QueryParams holds (the last of repeated names), without its multi-dict
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
+        return await self.inference.predict(query, content_type.decode("latin-1"), scope, receive)
 
 
 async def read_body(receive) -> bytes:
