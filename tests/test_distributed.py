@@ -101,6 +101,22 @@ def test_two_ranks_give_the_weights_of_one_process(capsys, real_data, tmp_path, 
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
 
 
+def test_two_ranks_streaming_give_the_weights_of_one_process_in_memory(capsys, real_data, tmp_path):
+    """Each rank reads its share of every batch from the IDX file: the same weights again."""
+    flags = ["--optimizer", "sgd", "--momentum", "0.9", "--batch-size", "99"]
+    single = one_process(capsys, real_data, tmp_path / "one", *flags)
+    out = tmp_path / "two"
+    done = subprocess.run(
+        torchrun("--standalone", "--nproc-per-node", 2, "-m", "image_logreg", "train", "--data-dir", real_data,
+                 "--out", out, *SMALL, *flags, "--max-memory", "1K"),
+        capture_output=True, text=True, env=env(), timeout=TIMEOUT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["streamed"] is True and config["world_size"] == 2
+    assert max_diff(single, out) <= TOLERANCE
+
+
 def test_the_nproc_shortcut_launches_torchrun_and_passes_its_status(capsys, real_data, tmp_path):
     flags = ["--optimizer", "adam", "--seed", "3"]
     single = one_process(capsys, real_data, tmp_path / "one", *flags)
