@@ -82,7 +82,8 @@ class StreamedImages:
         self.preprocessing = preprocessing
         self.device = torch.device(device)
         self.features = math.prod(images.shape[1:])
-        self.file = file
+        # without preadv (Windows), rows are gathered through the memory map instead
+        self.file = file if hasattr(os, "preadv") else None
         self._fd = None
 
     def __len__(self) -> int:
