@@ -166,3 +166,17 @@ def test_a_sweep_streams_each_run(capsys, toy_data, tmp_path):
         assert json.loads((tmp_path / "streamed" / name / "config.json").read_text())["streamed"] is True
         assert json.loads((tmp_path / "memory" / name / "config.json").read_text())["streamed"] is False
         assert_same_weights(tmp_path / "memory" / name, tmp_path / "streamed" / name)
+
+
+def test_the_default_budget_is_half_of_a_containers_limit(tmp_path, monkeypatch):
+    limit = tmp_path / "memory.max"
+    monkeypatch.setattr(stream, "CGROUP_LIMITS", (str(limit), str(tmp_path / "v1")))
+    machine = stream.memory_available()  # no limit file: the machine's memory
+    assert machine > 1 << 30
+    limit.write_text("max\n")
+    assert stream.memory_available() == machine
+    limit.write_text(f"{2 << 30}\n")
+    assert stream.memory_available() == min(machine, 2 << 30) and stream.default_max_memory() == min(machine, 2 << 30) // 2
+    limit.unlink()
+    (tmp_path / "v1").write_text(f"{1 << 30}\n")  # cgroup v1's file, when v2's is missing
+    assert stream.memory_available() == 1 << 30

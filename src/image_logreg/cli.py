@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
         p.add_argument("--max-memory", default=None, metavar="SIZE", help=(
             "memory the training inputs may take as floats, e.g. 4G or 800M; a larger set is streamed "
-            "batch by batch from its uint8 file (default: half of this machine's memory)"
+            "batch by batch from its uint8 file (default: half of this machine's memory, or of its container's limit)"
         ))
 
     tutorial = PRESETS["tutorial"]

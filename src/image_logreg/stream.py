@@ -54,12 +54,32 @@ def human_bytes(n: int) -> str:
         n /= 1024
 
 
+# Where a container's memory limit is written (cgroup v2, then v1): a process in a container
+# sees the host's memory in sysconf, but is killed past this limit.
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def default_max_memory() -> int:
-    """Half the machine's memory: the float training set, with room left for everything else."""
+    """Half the memory this process may use: the float training set, with room left for everything else."""
+    return memory_available() // 2
+
+
+def memory_available() -> int:
+    """The machine's memory, or the container's limit where that is smaller."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: assume 8 GiB
-        return 4 << 30
+        total = 8 << 30
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():  # "max" (v2) or a huge number (v1): no limit
+            total = min(total, int(limit))
+        break
+    return total
 
 
 def float_bytes(rows: int, images: torch.Tensor) -> int:
