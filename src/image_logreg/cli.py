@@ -330,10 +330,8 @@ def cmd_export(args) -> int:
     if args.format not in FORMATS:  # before loading anything
         raise UsageError(f"unknown export format {args.format!r}; choose from {', '.join(FORMATS)}")
     out = refuse_existing(args.out, args.overwrite, "--out file")
-    from .train import resolve_device
-
     checkpoint = resolve_checkpoint(args.model)
-    model, meta = load_model(checkpoint, dataset=args.dataset, device=resolve_device(getattr(args, "device", "cpu")))
+    model, meta = load_model(checkpoint, dataset=args.dataset)
     path = export_model(model, meta, out, args.format)
     shape = ["batch", *model.input_shape]
     result = {"model": str(checkpoint), "format": args.format, "out": str(path), "dataset": meta["dataset"],
@@ -364,11 +362,10 @@ def open_model(args):
     """Load ``args.model``; return (model, metadata, checkpoint path, data dir to use)."""
     from .checkpoint import load_model, resolve_checkpoint
     from .run import data_dir_for
-
     from .train import resolve_device
 
     checkpoint = resolve_checkpoint(args.model)
-    model, meta = load_model(checkpoint, dataset=args.dataset, device=resolve_device(getattr(args, "device", "cpu")))
+    model, meta = load_model(checkpoint, dataset=args.dataset, device=resolve_device(args.device))
     return model, meta, checkpoint, data_dir_for(checkpoint, args.data_dir)
 
 

@@ -377,6 +377,12 @@ def _resize_gray(gray: np.ndarray, size: tuple[int, int] = (28, 28)) -> np.ndarr
     return _to_uint8(np.clip(np.asarray(resized), 0.0, 1.0))
 
 
+def digit_box(size: tuple[int, int]) -> int:
+    """The square a digit is fitted into: MNIST's 20-pixel box in its 28-pixel field, kept in
+    proportion for other sizes."""
+    return round(PREPROCESSING["box"] * min(size) / min(PREPROCESSING["size"]))
+
+
 def prepare_image(
     source: str | Path | bytes, normalize: bool = True, size: tuple[int, int] = (28, 28), name: str | None = None
 ) -> np.ndarray:
@@ -389,10 +395,8 @@ def prepare_image(
     gray = _read(source, name, functools.partial(_digit_input, size=tuple(size)))
     if gray.dtype == np.uint8:
         return gray
-    # MNIST's 20-pixel box in a 28-pixel field, kept in proportion for other sizes.
-    box = round(PREPROCESSING["box"] * min(size) / min(PREPROCESSING["size"]))
     try:
-        return normalize_digit(gray, size, box=box)
+        return normalize_digit(gray, size, box=digit_box(size))
     except ImageError as error:
         label = (name or "upload") if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
         raise ImageError(f"{label}: {error}") from None

@@ -23,12 +23,12 @@ from . import __version__
 from .checkpoint import CHECKPOINT_NAME, save_model
 from .data import ImageSet, check_val_fraction, load_split, prepare_inputs, preprocessing_for, split_indices, subset_indices
 from .distributed import Group, session
-from .stream import StreamedImages, float_bytes, human_bytes, parse_memory
 from .errors import DataError, UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
 from .metrics import evaluate
 from .model import LogisticRegression
 from .settings import CLASSIC_DECODE, DATA_DEFAULTS, DIGIT_STYLE, FOLDER_KINDS, IMAGE_OPTIONS, default_data_dir
+from .stream import StreamedImages, float_bytes, human_bytes, parse_memory
 from .train import TrainConfig, fit, resolve_device
 
 FINAL_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # a run's last epoch, in summaries

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .distributed import SINGLE, Group
 from .errors import DivergedError, UsageError
-from .metrics import logits_of, loss_and_accuracy
+from .metrics import loss_and_accuracy
 from .settings import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401  (importable from here too)
 from .stream import StreamedImages
 

@@ -12,7 +12,7 @@ from ..checkpoint import load_model, resolve_checkpoint
 from ..data import DATASET_DECODE, prepare_inputs
 from ..errors import UsageError
 from ..model import LogisticRegression
-from ..preprocess import PREPROCESSING
+from ..preprocess import PREPROCESSING, digit_box
 
 VERSION = "1"  # one version per served name; the protocol's paths may still name it
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -59,10 +59,8 @@ class ServedModel:
             image_files = {key: files[key] for key in ("name", "image_size", "resize", "color")}
         else:
             size = self.input_shape[-2:]
-            # The box in proportion to the field, as preprocess.prepare_image scales it.
-            box = round(PREPROCESSING["box"] * min(size) / min(PREPROCESSING["size"]))
             name = files.get("name") or PREPROCESSING["name"]
-            image_files = {"name": name, "image_size": size, "box": box, "resize": None, "color": "gray"}
+            image_files = {"name": name, "image_size": size, "box": digit_box(size), "resize": None, "color": "gray"}
         k = len(self.classes)
         return {
             "name": self.name,
