@@ -17,6 +17,7 @@ import resource
 import struct
 import tempfile
 import warnings
+import zlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from image_logreg.checkpoint import load_model, save_model
 from image_logreg.data import load_split
 from image_logreg.errors import CheckpointError, DataError, ImageError
 from image_logreg.model import LogisticRegression
-from image_logreg.preprocess import prepare_image, read_grayscale
+from image_logreg.preprocess import _plain_gray_png, prepare_image, read_grayscale
 
 from conftest import write_idx
 
@@ -273,6 +274,146 @@ def test_image_from_a_path_is_refused_the_same_way(tmp_path):
     with pytest.raises(ImageError) as caught:
         prepare_image(path)
     assert_one_line(caught.value)
+
+
+# --- plain gray PNGs: the quick path ----------------------------------------------------------
+# A 28x28 8-bit gray PNG with no chunk but IHDR, IDAT and IEND skips Pillow's file parser
+# (preprocess._plain_gray_png). Whatever the bytes, the answer must be what Pillow's full path
+# gives for the same file: the same digit, or the same error.
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _paeth(a: int, b: int, c: int) -> int:
+    p = a + b - c
+    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+    return a if pa <= pb and pa <= pc else b if pb <= pc else c
+
+
+def _filtered(pixels: np.ndarray, filters: list[int]) -> bytes:
+    """PNG's row filtering by hand (0 None, 1 Sub, 2 Up, 3 Average, 4 Paeth), one type per row."""
+    out, prior = bytearray(), [0] * pixels.shape[1]
+    for row, kind in zip(pixels.tolist(), filters):
+        out.append(kind)
+        for x, value in enumerate(row):
+            a, b, c = (row[x - 1] if x else 0), prior[x], (prior[x - 1] if x else 0)
+            predicted = (0, a, b, (a + b) // 2, _paeth(a, b, c))[kind]
+            out.append((value - predicted) % 256)
+        prior = row
+    return bytes(out)
+
+
+def gray_png(pixels: np.ndarray, filters: list[int], level: int = 6, pieces: int = 1, extra: list | None = None) -> bytes:
+    """A gray PNG written by hand: any row filters, IDAT cut into ``pieces``, ``extra`` chunks after IHDR."""
+    h, w = pixels.shape
+    data = zlib.compress(_filtered(pixels, filters), level)
+    cuts = np.linspace(0, len(data), pieces + 1).astype(int)
+    return b"".join([
+        b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)),
+        *(_chunk(kind, payload) for kind, payload in extra or []),
+        *(_chunk(b"IDAT", data[a:b]) for a, b in zip(cuts[:-1], cuts[1:])), _chunk(b"IEND", b""),
+    ])
+
+
+@st.composite
+def gray_digits(draw) -> np.ndarray:
+    """28x28 pixels: dataset-style (ink on black), ink on paper, or noise."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["dataset", "paper", "noise"]))
+    if kind == "noise":
+        return rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    pixels = np.zeros((28, 28), np.uint8)
+    top, left = rng.integers(4, 12, 2)
+    pixels[top : top + 12, left : left + 3] = rng.integers(120, 256, (12, 3))
+    pixels[top : top + 3, left : left + 10] = 255
+    return 255 - pixels if kind == "paper" else pixels
+
+
+EXTRA_CHUNKS = [(b"tEXt", b"Comment\x00hello"), (b"tRNS", b"\x00\x00"), (b"gAMA", struct.pack(">I", 45455)),
+                (b"eXIf", Image.Exif().tobytes())]
+
+
+@st.composite
+def plain_gray_pngs(draw) -> bytes:
+    pixels = draw(gray_digits())
+    if draw(st.booleans()):  # as Pillow writes them (the files a dataset sample saved to disk becomes)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG", compress_level=draw(st.integers(0, 9)), optimize=draw(st.booleans()))
+        return buf.getvalue()
+    filters = draw(st.lists(st.integers(0, 4), min_size=28, max_size=28))
+    extra = draw(st.lists(st.sampled_from(EXTRA_CHUNKS), max_size=2))
+    return gray_png(pixels, filters, draw(st.integers(0, 9)), draw(st.integers(1, 4)), extra)
+
+
+def _same_as_pillow(data: bytes, tmp_path: Path) -> np.ndarray | None:
+    """prepare_image of the bytes (the quick path's way in) against the same file from a path
+    (Pillow's full path): equal digits or equal errors. The quick path's pixels, when it took the file."""
+    path = tmp_path / "upload.png"
+    path.write_bytes(data)
+    answers = []
+    for source in (data, path):
+        try:
+            answers.append(prepare_image(source, name=str(path)))
+        except ImageError as exc:
+            answers.append(str(exc))
+    if isinstance(answers[0], str) or isinstance(answers[1], str):
+        assert answers[0] == answers[1]
+    else:
+        np.testing.assert_array_equal(answers[0], answers[1])
+    quick = _plain_gray_png(data, (28, 28))
+    if quick is not None:
+        with Image.open(io.BytesIO(data)) as image:
+            np.testing.assert_array_equal(quick, np.asarray(image))
+    return quick
+
+
+def test_pillow_written_dataset_pngs_take_the_quick_path(tmp_path):
+    digit = np.zeros((28, 28), np.uint8)
+    digit[6:22, 12:15] = 255
+    buf = io.BytesIO()
+    Image.fromarray(digit).save(buf, format="PNG")
+    np.testing.assert_array_equal(_same_as_pillow(buf.getvalue(), tmp_path), digit)
+    for kind in range(5):  # every row filter, undone by Pillow's decoder
+        np.testing.assert_array_equal(_same_as_pillow(gray_png(digit, [kind] * 28), tmp_path), digit)
+    # anything more than the bare image is left to Pillow's parser: transparency, orientation, text
+    for extra in EXTRA_CHUNKS:
+        assert _same_as_pillow(gray_png(digit, [0] * 28, extra=[extra]), tmp_path) is None
+    assert _plain_gray_png(buf.getvalue(), (28, 27)) is None  # another size than the model's
+    header_checksum_broken = bytearray(buf.getvalue())
+    header_checksum_broken[30] ^= 1
+    assert _same_as_pillow(bytes(header_checksum_broken), tmp_path) is None
+    with pytest.raises(ImageError, match="not an image file"):
+        prepare_image(bytes(header_checksum_broken))
+
+
+@FUZZ
+@given(data=plain_gray_pngs())
+def test_plain_gray_pngs_read_as_pillow_reads_them(data):
+    with tempfile.TemporaryDirectory() as tmp:
+        _same_as_pillow(data, Path(tmp))
+
+
+@FUZZ
+@given(data=plain_gray_pngs().flatmap(mutated), fix_checksums=st.booleans())
+def test_damaged_plain_gray_pngs_fail_as_pillow_fails(data, fix_checksums):
+    if fix_checksums:  # damage inside the chunks, past the checksum test: the decoder must catch it
+        data = _with_valid_checksums(data)
+    with tempfile.TemporaryDirectory() as tmp:
+        _same_as_pillow(data, Path(tmp))
+
+
+def _with_valid_checksums(data: bytes) -> bytes:
+    data, position = bytearray(data), 8
+    while position + 12 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        stop = position + 8 + length
+        if stop + 4 > len(data):
+            break
+        data[stop : stop + 4] = struct.pack(">I", zlib.crc32(data[position + 4 : stop]))
+        position = stop + 4
+    return bytes(data)
 
 
 # --- checkpoints ------------------------------------------------------------------------------

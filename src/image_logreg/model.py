@@ -28,8 +28,9 @@ class LogisticRegression(nn.Module):
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         # forward's arithmetic, without the module call and decorator machinery: for one image
         # served over HTTP that machinery costs as much as the arithmetic
+        linear = self.linear
         with torch.no_grad():
-            return F.softmax(F.linear(x.reshape(x.shape[0], -1), self.linear.weight, self.linear.bias), dim=1)
+            return F.softmax(F.linear(x.reshape(x.shape[0], -1), linear.weight, linear.bias), dim=1)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,10 @@ from .model import LogisticRegression
 
 def top_k(model: LogisticRegression, x: torch.Tensor, classes: list[str], k: int = 3) -> list[list[dict]]:
     """For each row of ``x`` (float images in [0, 1]), the ``k`` most probable classes."""
-    proba = model.predict_proba(x.to(model.device)).cpu()
+    return _ranked(model.predict_proba(x.to(model.device)).cpu(), classes, k)
+
+
+def _ranked(proba: torch.Tensor, classes: list[str], k: int) -> list[list[dict]]:
     values, indices = proba.topk(min(k, len(classes)), dim=1)
     return [
         [{"label": classes[i], "index": i, "probability": p} for p, i in zip(row_p, row_i)]
@@ -57,8 +60,8 @@ def predict_images(
 
     ``meta`` is the checkpoint's metadata: its class names and recorded preprocessing.
     """
-    x = prepare_inputs(images_uint8, meta.get("preprocessing"), model.device)
-    ranked = top_k(model, x, meta["classes"], k)
+    x = prepare_inputs(images_uint8, meta.get("preprocessing"), model.device)  # on the model's device
+    ranked = _ranked(model.predict_proba(x).cpu(), meta["classes"], k)
     return [{"source": s, "label": r[0]["label"], "top_k": r} for s, r in zip(sources, ranked)]
 
 
