@@ -264,13 +264,20 @@ def _already_dataset_form(gray: np.ndarray, size: tuple[int, int], dark: float =
 
 
 def _digit_input(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """A plain 8-bit gray dataset sample as its own uint8 pixels (what ``normalize_digit`` would
-    return for it, without the trip through floats); any other image as ``read_grayscale`` reads it."""
+    """``_gray_digit_input`` of a plain 8-bit gray image of ``size``; any other image as
+    ``read_grayscale`` reads it."""
     if image.mode == "L" and not image.has_transparency_data and image.size == (size[1], size[0]):
-        pixels = np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(size)  # read-only: copied if kept
-        if _already_dataset_form(pixels, size, dark=_DARK * 255):
-            return pixels.copy()
+        return _gray_digit_input(np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(size), size)
     return _to_gray_array(image)
+
+
+def _gray_digit_input(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """8-bit gray pixels (read-only is fine) of a dataset sample as its own uint8 pixels (what
+    ``normalize_digit`` would return for it, without the trip through floats); of any other image,
+    as float gray in [0, 1], as ``_to_gray_array`` reads a plain gray image."""
+    if _already_dataset_form(pixels, size, dark=_DARK * 255):
+        return pixels.copy()
+    return pixels.astype(np.float32) / 255.0
 
 
 def _ink_on_black(gray: np.ndarray) -> np.ndarray:
@@ -446,10 +453,8 @@ def prepare_image(
     pixels = _plain_gray_png(source, size) if isinstance(source, bytes) else None
     if pixels is None:
         gray = _read(source, name, functools.partial(_digit_input, size=size))
-    elif _already_dataset_form(pixels, size, dark=_DARK * 255):
-        return pixels.copy()
     else:
-        gray = pixels.astype(np.float32) / 255.0  # as _to_gray_array reads a plain gray image
+        gray = _gray_digit_input(pixels, size)
     if gray.dtype == np.uint8:
         return gray
     try:

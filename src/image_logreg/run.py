@@ -197,10 +197,7 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
         y = data.labels.to(device)
         train_idx = split["train_indices"].to(device)
         val_idx = split["val_indices"].to(device)  # may be empty: --val-fraction 0
-        x_train, x_val = training_inputs(data, train_idx, val_idx, preprocessing, device, config, cfg)
-        if config["streamed"]:
-            log(f"streaming batches from disk: {human_bytes(float_bytes(len(train_idx) + len(val_idx), data.images))} "
-                f"of inputs exceed --max-memory {human_bytes(config['max_memory'])}")
+        x_train, x_val = training_inputs(data, train_idx, val_idx, preprocessing, device, config, cfg, log)
 
         cfg.epochs = config["epochs"] = cfg.epochs_for(len(train_idx))  # recorded as trained, not as "default"
         torch.manual_seed(cfg.seed)
@@ -263,10 +260,10 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
     return history, seconds
 
 
-def training_inputs(data: ImageSet, train_idx, val_idx, preprocessing, device, config: dict, cfg: TrainConfig):
+def training_inputs(data: ImageSet, train_idx, val_idx, preprocessing, device, config: dict, cfg: TrainConfig, log=None):
     """The training and validation inputs: float tensors in memory, or, when their float form
-    exceeds ``config["max_memory"]``, ``StreamedImages`` that read each batch from the uint8 file.
-    Sets ``config["streamed"]``."""
+    exceeds ``config["max_memory"]``, ``StreamedImages`` that read each batch from the uint8 file
+    (and ``log`` says so). Sets ``config["streamed"]``."""
     need = float_bytes(len(train_idx) + len(val_idx), data.images)
     config["streamed"] = need > config["max_memory"]
     if not config["streamed"]:
@@ -277,6 +274,7 @@ def training_inputs(data: ImageSet, train_idx, val_idx, preprocessing, device, c
             f"L-BFGS takes full-batch steps over the training set in memory, and its inputs take {human_bytes(need)}, "
             f"more than --max-memory {human_bytes(config['max_memory'])}; raise --max-memory or use --optimizer adam or sgd"
         )
+    (log or _quiet)(f"streaming batches from disk: {human_bytes(need)} of inputs exceed --max-memory {human_bytes(config['max_memory'])}")
     return (StreamedImages(data.images, train_idx, preprocessing, device, data.file),
             StreamedImages(data.images, val_idx, preprocessing, device, data.file))
 
