@@ -284,3 +284,43 @@ def test_full_objective_does_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(*grads)
+
+
+# What each piece sees of the CPU thread settings, in a process whose new threads would default
+# to 4 OpenMP and 4 MKL threads: torch.set_num_threads() on the calling thread does not reach them.
+THREADS_PROBE = r"""
+import ctypes, glob, json, os, torch
+from image_logreg.model import LogisticRegression
+from image_logreg.train import _each_piece, full_objective
+
+lib = ctypes.CDLL(glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))[0])
+probes = {name: getattr(lib, name) for name in ("mkl_get_max_threads", "omp_get_max_threads") if hasattr(lib, name)}
+seen = []
+torch.set_num_threads(4)
+_each_piece(lambda c: seen.append({name: f() for name, f in probes.items()}), range(8), torch.device("cpu"))
+
+torch.manual_seed(0)
+x, y = torch.rand(4000, 784), torch.randint(0, 10, (4000,))
+onehot = torch.nn.functional.one_hot(y, 10).float()
+model, grads = LogisticRegression(), []
+for threads in (1, 4):
+    torch.set_num_threads(threads)
+    full_objective(model, x, y, onehot, 0.0)
+    grads.append(model.linear.weight.grad)
+print(json.dumps({"probes": sorted(probes), "seen": seen, "same": torch.equal(*grads)}))
+"""
+
+
+def test_each_piece_runs_on_one_thread_even_where_new_threads_default_to_more():
+    import platform
+
+    done = subprocess.run([sys.executable, "-c", THREADS_PROBE], capture_output=True, text=True, timeout=TIMEOUT,
+                          env=dict(os.environ, OMP_NUM_THREADS="4", MKL_NUM_THREADS="4"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert "mkl_get_max_threads" in result["probes"]  # torch's x86 builds carry MKL: the probe must see it
+    assert "omp_get_max_threads" in result["probes"]
+    assert len(result["seen"]) == 8
+    assert all(set(counts.values()) == {1} for counts in result["seen"]), result["seen"]
+    assert result["same"]  # 1 and 4 threads: the same gradient, bit for bit

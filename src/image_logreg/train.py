@@ -111,7 +111,7 @@ def fit(
 
     history = []
     rows_per_step = (min(cfg.batch_size, len(x_train)) if minibatch else len(x_train)) // group.world_size
-    with _single_thread(device.type == "cpu" and rows_per_step * x_train.shape[1] < SMALL_STEP):
+    with one_thread(device.type == "cpu" and rows_per_step * x_train.shape[1] < SMALL_STEP):
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
@@ -148,12 +148,13 @@ def fit(
 
 
 @contextlib.contextmanager
-def _single_thread(enabled: bool):
-    """Run small steps on one CPU thread.
+def one_thread(enabled: bool = True):
+    """The calling thread's products and sums on one CPU thread, for the length of the block.
 
     A minibatch step multiplies, say, 128x784 inputs by a 784x10 matrix: far too little work
     to share between threads, and on a busy machine their hand-offs cost more than the
-    arithmetic. Full-batch steps over the whole training set are big enough to share.
+    arithmetic. Full-batch steps over the whole training set are big enough to share, and
+    share them by pieces (``_each_piece``), each piece on one thread.
     """
     before = torch.get_num_threads()
     if enabled:
@@ -258,16 +259,15 @@ def _each_piece(piece, chunks: range, device: torch.device) -> None:
     threads as torch would use.
 
     A matrix product split between threads rounds differently from the same product on one (the
-    split changes which kernel handles which columns), so a piece must not depend on the thread
-    count: then a process with 16 threads and ranks with one each compute the same bits.
+    split changes which kernel handles which part of the sum), so a piece must not depend on the
+    thread count: then a process with 16 threads and ranks with one each compute the same bits.
     """
     if device.type != "cpu":
         for c in chunks:
             piece(c)
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         if threads == 1 or len(chunks) == 1:
             for c in chunks:
                 piece(c)
@@ -278,10 +278,10 @@ def _each_piece(piece, chunks: range, device: torch.device) -> None:
                 with torch.no_grad():
                     piece(c)
 
-            with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+            # torch.set_num_threads() on the calling thread does not reach a new thread's OpenMP
+            # and MKL settings (both are per thread): MKL would split each product again there.
+            with ThreadPoolExecutor(min(threads, len(chunks)), initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 list(pool.map(untracked, chunks))  # list(): raises a piece's error here
-    finally:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -309,9 +309,10 @@ def full_objective(model, x, y, onehot, weight_decay: float, group: Group = SING
 
     _each_piece(piece, range(len(bounds))[group.shard(len(bounds))], x.device)
     group.all_reduce(parts)
-    total = parts[:, :-1].sum(0).div_(n)
+    with one_thread():  # the pieces added up in one fixed order, whatever the thread count
+        total = parts[:, :-1].sum(0).div_(n)
+        loss = parts[:, -1].double().sum() / n
     weight.grad, bias.grad = total[:w].view_as(weight).clone(), total[w:].clone()
-    loss = parts[:, -1].double().sum() / n
     if weight_decay:
         loss = loss + 0.5 * weight_decay * sum(p.double().pow(2).sum() for p in (weight, bias))
         for p in (weight, bias):
@@ -342,5 +343,6 @@ def _chunked_loss_and_accuracy(model, x, y, group: Group = SINGLE) -> tuple[floa
 
     _each_piece(piece, range(len(bounds))[group.shard(len(bounds))], x.device)
     group.all_reduce(parts)
-    totals = parts.sum(0)
+    with one_thread():
+        totals = parts.sum(0)
     return totals[0].item() / len(y), totals[1].item() / len(y)
