@@ -20,7 +20,8 @@ def test_compare_quick_writes_the_results_table(real_data, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     table = out.read_text()
-    for row in ("one epoch, tutorial settings", "scikit-learn `LogisticRegression()`", "image-logreg `--deskew`", "fit time"):
+    for row in ("one epoch, tutorial settings", "scikit-learn `LogisticRegression()`", "image-logreg `--deskew`", "fit time",
+                "`image-logreg train`, wall time of the whole process"):
         assert row in table
     import json
 
@@ -28,6 +29,8 @@ def test_compare_quick_writes_the_results_table(real_data, tmp_path):
     assert results["epoch_speed"]["ratio"] > 1  # even on subsets, image-logreg's epoch is the faster one
     assert 0.5 < results["datasets"]["mnist"]["image_logreg"]["test_accuracy"] <= 1
     assert results["datasets"]["mnist"]["sklearn"]["test_accuracy"] > 0.5
+    fresh = results["fresh_process"]  # a whole process costs more than importing torch, and its fit more than its epochs
+    assert fresh["wall_seconds"] > fresh["import_torch_seconds"] > 0 and fresh["train_seconds"] >= fresh["epochs_seconds"] > 0
 
 
 def test_startup_measures_every_command(real_data, mnist_run, tmp_path):

@@ -154,3 +154,75 @@ def test_batch_gradient_equals_autograd():
     assert torch.allclose(model.linear.bias.grad, expected[1], atol=1e-6)
     assert loss_sum.item() / 33 == pytest.approx(loss.item(), rel=1e-5)
     assert correct.item() == (model(x).argmax(1) == y).sum().item()
+
+
+# --- the optimizer updates: torch.optim's arithmetic, without its first-call import of dynamo ----
+
+
+def _steps(make, params, grads_per_step):
+    """Apply ``make(params)``'s step once per list of gradients; return the parameters after each step."""
+    optimizer = make(params)
+    seen = []
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        optimizer.step()
+        seen.append([p.detach().clone() for p in params])
+    return seen
+
+
+@pytest.mark.parametrize("kind, settings", [
+    ("sgd", {"lr": 0.05}),
+    ("sgd", {"lr": 0.05, "momentum": 0.9}),
+    ("sgd", {"lr": 0.01, "momentum": 0.5, "weight_decay": 1e-3}),
+    ("adam", {"lr": 1e-3}),
+    ("adam", {"lr": 0.02, "weight_decay": 1e-2}),
+])
+def test_updates_match_torch_optim_bit_for_bit(kind, settings):
+    from image_logreg import optim
+
+    torch.manual_seed(0)
+    start = [torch.randn(10, 784), torch.randn(10)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(12)]
+    ours = {"sgd": optim.SGD, "adam": optim.Adam}[kind]
+    theirs = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[kind]
+    got = _steps(lambda ps: ours(ps, **settings), [p.clone() for p in start], grads)
+    want = _steps(lambda ps: theirs(ps, foreach=True, **settings), [torch.nn.Parameter(p.clone()) for p in start], grads)
+    for step, (a, b) in enumerate(zip(got, want)):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), f"step {step + 1}: max difference {(x - y).abs().max().item():.3g}"
+
+
+def test_cosine_schedule_is_lambdalr_bit_for_bit():
+    from image_logreg import optim
+
+    total = 37
+    p = torch.nn.Parameter(torch.zeros(1))
+    reference = torch.optim.SGD([p], lr=0.003)
+    schedule = torch.optim.lr_scheduler.LambdaLR(reference, lambda k: 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+    ours = optim.cosine(0.003, total)
+    for step in range(1, total + 5):
+        reference.step()
+        schedule.step()
+        assert ours(step) == reference.param_groups[0]["lr"]
+
+
+NO_DYNAMO_PROBE = r"""
+import sys, torch
+from image_logreg import LogisticRegression, TrainConfig, fit
+torch.manual_seed(0)
+x, y = torch.rand(300, 28, 28), torch.randint(0, 10, (300,))
+fit(LogisticRegression(), x[:250], y[:250], x[250:], y[250:], TrainConfig(optimizer=sys.argv[1], epochs=2, batch_size=50))
+print(" ".join(sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules)) or "none")
+"""
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "lbfgs"])
+def test_training_imports_neither_dynamo_nor_sympy(optimizer):
+    """Those imports take about a second, more than training MNIST: they must not hide inside a fit."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", NO_DYNAMO_PROBE, optimizer], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["none"]

@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import optim
 from .distributed import SINGLE, Group
 from .errors import DivergedError, UsageError
 from .metrics import loss_and_accuracy
@@ -35,24 +36,23 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model, cfg: TrainConfig):
     params = list(model.parameters())
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
+        return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    return torch.optim.LBFGS(
+        return optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return optim.LBFGS(
         params, lr=cfg.lr, max_iter=cfg.lbfgs_iterations, history_size=20, line_search_fn="strong_wolfe",
         tolerance_grad=cfg.tolerance, tolerance_change=1e-12,
     )
 
 
-def make_schedule(optimizer, cfg: TrainConfig, total_steps: int):
+def make_schedule(cfg: TrainConfig, total_steps: int):
+    """The learning rate after each minibatch step (L-BFGS keeps its own)."""
     if cfg.schedule == "constant" or cfg.optimizer == "lbfgs":
-        return None
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
-    )
+        return optim.constant(cfg.lr)
+    return optim.cosine(cfg.lr, total_steps)
 
 
 def fit(
@@ -102,7 +102,7 @@ def fit(
     optimizer = make_optimizer(model, cfg)
     epochs = cfg.epochs_for(len(x_train))
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    schedule = make_schedule(optimizer, cfg, steps_per_epoch * epochs)
+    schedule = make_schedule(cfg, steps_per_epoch * epochs)
     # streamed: a batch's one-hot rows are made with it, so nothing the size of the set is kept
     targets = None if streamed else F.one_hot(y_train, model.num_classes).to(x_train.dtype)
     shuffler = torch.Generator().manual_seed(cfg.seed)
@@ -114,7 +114,7 @@ def fit(
     with one_thread(device.type == "cpu" and rows_per_step * x_train.shape[1] < SMALL_STEP):
         for epoch in range(1, epochs + 1):
             start = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
+            lr = optimizer.lr if minibatch else cfg.lr
             extra = {}
             if minibatch:
                 order = torch.randperm(len(x_train), generator=shuffler).to(device)
@@ -123,11 +123,10 @@ def fit(
                     from tqdm import tqdm  # only when a bar is drawn: tqdm's import is not free
 
                     batches = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, file=sys.stderr)
-                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, x_train, y_train, targets, order, cfg.batch_size, batches, group)
+                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, (epoch - 1) * steps_per_epoch, x_train, y_train, targets, order, cfg.batch_size, batches, group)
             else:
                 grad_max = _lbfgs_epoch(model, optimizer, x_train, y_train, targets, cfg.weight_decay, group)
-                iterations = optimizer.state[optimizer.param_groups[0]["params"][0]]["n_iter"]
-                extra = {"grad_norm": grad_max, "iterations": iterations, "converged": grad_max <= cfg.tolerance}
+                extra = {"grad_norm": grad_max, "iterations": optimizer.iterations, "converged": grad_max <= cfg.tolerance}
                 train_loss, train_acc = _chunked_loss_and_accuracy(model, x_train, y_train, group)
             record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc}
             if validate:
@@ -166,8 +165,10 @@ def one_thread(enabled: bool = True):
 
 
 @torch.no_grad()
-def _minibatch_epoch(model, optimizer, schedule, x, y, targets, order, batch_size, batches, group: Group = SINGLE) -> tuple[float, float]:
-    """One pass over shuffled batches; returns the running mean loss and accuracy.
+def _minibatch_epoch(model, optimizer, schedule, steps_before: int, x, y, targets, order, batch_size, batches,
+                     group: Group = SINGLE) -> tuple[float, float]:
+    """One pass over shuffled batches; returns the running mean loss and accuracy. ``schedule(k)``
+    is the learning rate after ``k`` steps, of which ``steps_before`` were taken in earlier epochs.
 
     With several ranks, each takes its slice of every batch of the shared shuffle; its gradient
     is divided by the whole batch's size, so the sum over the ranks is the batch's mean gradient.
@@ -175,7 +176,7 @@ def _minibatch_epoch(model, optimizer, schedule, x, y, targets, order, batch_siz
     model.train()
     loss_sum = torch.zeros((), device=x.device)
     correct = torch.zeros((), dtype=torch.long, device=x.device)
-    for i in batches:
+    for step, i in enumerate(batches, steps_before + 1):
         idx = order[i : i + batch_size]
         rows = len(idx)
         if group.active:
@@ -188,8 +189,7 @@ def _minibatch_epoch(model, optimizer, schedule, x, y, targets, order, batch_siz
         batch_loss, batch_correct = batch_gradient(model, xb, yb, hot, rows)
         group.all_reduce_grads(model.parameters())
         optimizer.step()
-        if schedule is not None:
-            schedule.step()
+        optimizer.lr = schedule(step)
         loss_sum += batch_loss
         correct += batch_correct
     if group.active:

@@ -1,0 +1,125 @@
+"""The CPU thread choices of training, measured side by side on this machine.
+
+    python benchmarks/threads.py --data-dir ../shared/data [--repeats 5] [--update-results]
+
+1. Minibatch steps: an epoch of the defaults (Adam, batch 128) and of larger batches, on one
+   thread and on all of them. ``train.SMALL_STEP`` (input elements per step) is the size below
+   which training keeps to one thread; the table shows whether that holds here.
+2. Full-batch sums (L-BFGS's objective over the training set): the fixed pieces spread over a
+   pool of one-thread workers (``train._each_piece``) against the same pieces on one thread.
+
+Each pair runs in turns in this one process, ``--repeats`` times; the ratio of the medians is
+the figure to quote (absolute times drift with the machine's load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sections import machine, replace_block  # noqa: E402
+
+from image_logreg import LogisticRegression, TrainConfig, load_split, to_float  # noqa: E402
+from image_logreg import train as training  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHES = (128, 1024, 8192)
+
+
+def epoch_seconds(x, y, batch_size: int, one_thread: bool) -> float:
+    """Seconds of one training epoch (no validation), on one thread or on all of them."""
+    small_step = training.SMALL_STEP
+    training.SMALL_STEP = float("inf") if one_thread else 0  # the rule's threshold, forced either way
+    try:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        training.fit(LogisticRegression(), x, y, None, None, TrainConfig(batch_size=batch_size, epochs=1))
+        return time.perf_counter() - start
+    finally:
+        training.SMALL_STEP = small_step
+
+
+def objective_seconds(x, onehot, y, pool: bool) -> float:
+    """Seconds of one evaluation of the full-batch objective and its gradient."""
+    model = LogisticRegression()
+    threads = torch.get_num_threads()
+    if not pool:
+        torch.set_num_threads(1)  # _each_piece then runs the pieces one after another
+    try:
+        start = time.perf_counter()
+        training.full_objective(model, x, y, onehot, 0.0)
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+def in_turns(repeats: int, first, second) -> tuple[float, float]:
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(first())
+        b.append(second())
+    return statistics.median(a), statistics.median(b)
+
+
+def run(data_dir: str, repeats: int) -> dict:
+    data = load_split("mnist", data_dir, "train", download=False)
+    x, y = to_float(data.images).reshape(len(data), -1), data.labels
+    results = {"threads": torch.get_num_threads(), "minibatch": [], "repeats": repeats}
+    for batch in BATCHES:
+        one, all_ = in_turns(repeats, lambda: epoch_seconds(x, y, batch, True), lambda: epoch_seconds(x, y, batch, False))
+        results["minibatch"].append({"batch": batch, "elements": batch * x.shape[1], "one": one, "all": all_,
+                                     "rule_says_one": batch * x.shape[1] < training.SMALL_STEP})
+    onehot = torch.nn.functional.one_hot(y, 10).float()
+    serial, pooled = in_turns(repeats, lambda: objective_seconds(x, onehot, y, False), lambda: objective_seconds(x, onehot, y, True))
+    results["objective"] = {"serial": serial, "pool": pooled}
+    return results
+
+
+def render(results: dict) -> str:
+    threads = results["threads"]
+    lines = [
+        f"Measured on {machine('torch')}; median of {results['repeats']}, in turns.",
+        "Reproduce: `python benchmarks/threads.py --data-dir ../shared/data --update-results`.",
+        "",
+        f"| MNIST epoch (60,000 images, Adam) | 1 thread | {threads} threads | 1 thread faster by | training uses | right choice |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for row in results["minibatch"]:
+        faster = row["all"] / row["one"]
+        best_one = faster >= 1
+        lines.append(
+            f"| batch {row['batch']} ({row['elements']:,} input elements a step) | {row['one']:.3f} s | {row['all']:.3f} s | "
+            f"{faster:.2f}x | {'1 thread' if row['rule_says_one'] else f'{threads} threads'} | "
+            f"{'yes' if best_one == row['rule_says_one'] else '**no**'} |"
+        )
+    obj = results["objective"]
+    lines += [
+        "",
+        f"| full-batch objective and gradient (60,000 images, 64 pieces) | pieces on 1 thread | pieces over {threads} one-thread workers | speed-up |",
+        "|---|---:|---:|---:|",
+        f"| one evaluation | {obj['serial'] * 1000:.1f} ms | {obj['pool'] * 1000:.1f} ms | {obj['serial'] / obj['pool']:.2f}x |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--update-results", action="store_true", help="replace this benchmark's block in benchmarks/results.md")
+    args = parser.parse_args(argv)
+    table = render(run(args.data_dir, args.repeats))
+    if args.update_results:
+        replace_block(ROOT / "benchmarks" / "results.md", "threads", table, title="Training threads: `benchmarks/threads.py`")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
