@@ -104,3 +104,17 @@ def test_folder_parity_trains_both_and_reports(real_data, tmp_path):
     assert done.returncode in (0, 1), done.stderr[-2000:]  # the subset's accuracy is not MNIST's: 1 is expected
     rows = [line for line in done.stdout.splitlines() if line.startswith("| defaults |") or line.startswith("| `--val-fraction 0` |")]
     assert len(rows) == 2 and all("within 0.002" in row for row in rows), done.stdout
+
+
+def test_serve_abuse_attacks_and_stops_by_itself(real_data, mnist_run, tmp_path):
+    """Two seconds of attack: the script, its server and its hostile files must work."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve_abuse.py"), "--data-dir", str(real_data), "--model", str(mnist_run),
+         "--seconds", "2", "--json", str(tmp_path / "abuse.json")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: a target missed on a busy machine
+    import json
+
+    figures = json.loads((tmp_path / "abuse.json").read_text())
+    assert len(figures["hostile"]) == 6 and all(h["statuses"] == [413] for h in figures["hostile"].values())

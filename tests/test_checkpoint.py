@@ -102,3 +102,33 @@ def test_dataset_mismatch_is_refused(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_model(tmp_path / "nope")
+
+
+def _lying_checkpoint(path, **fields):
+    """A checkpoint whose metadata claims ``fields``, over weights that fit a 28x28 digit model."""
+    from safetensors.torch import save_file
+
+    meta = {**META, "input_shape": [28, 28], "num_classes": 10, **fields}
+    tensors = {"linear.weight": torch.zeros(10, 784), "linear.bias": torch.zeros(10)}
+    save_file(tensors, str(path), metadata={"format": FORMAT, "version": "1", "image_logreg": json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"preprocessing": {"image_files": ["mnist-normalize"]}}, "preprocessing.image_files"),
+    ({"input_shape": [784]}, "input_shape"),
+])
+def test_lying_metadata_is_refused_by_predict_and_serve(tmp_path, capsys, fields, named):
+    from image_logreg.cli import main
+    from image_logreg.serve.registry import load_models
+
+    path = _lying_checkpoint(tmp_path / "lying.safetensors", **fields)
+    image = tmp_path / "digit.png"
+    from PIL import Image
+
+    Image.new("L", (28, 28), 0).save(image)
+    assert main(["predict", str(path), str(image)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and f"field {named} " in err and "Traceback" not in err
+    with pytest.raises(CheckpointError, match=f"field {named} "):
+        load_models([f"m={path}"])

@@ -114,6 +114,7 @@ def test_tutorial_state_dict_exports_with_dataset(capsys, toy_data, toy_runs, tm
     from image_logreg.checkpoint import load_model
 
     model, _ = load_model(toy_runs["plain"])
+    model.temperature = 1.0  # a state_dict holds the weights alone, not the run's calibration
     pth = tmp_path / "mnist-logistic.pth"
     torch.save(model.state_dict(), pth)
     out = tmp_path / "tutorial.onnx"

@@ -468,7 +468,25 @@ def load_bytes(root: Path, data: bytes, suffix: str = ".safetensors"):
     assert isinstance(model, LogisticRegression)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     json.dumps(meta)
+    _serves(model, meta, path)
     return model
+
+
+def _serves(model: LogisticRegression, meta: dict, path: Path) -> None:
+    """A checkpoint that loads must then work: the server's metadata, a file's prediction, its explanation."""
+    import orjson
+
+    from image_logreg.predict import explain, predict_file
+    from image_logreg.serve.registry import ServedModel
+
+    served = ServedModel("m", model, meta, path)
+    described = orjson.loads(orjson.dumps(served.metadata()))
+    assert described["parameters"]["input_shape"] == list(model.input_shape)
+    with no_warnings():
+        result, image = predict_file(model, meta, VALID_IMAGES_FILES[0], k=3, name="upload.png")
+    assert list(image.shape) == list(model.input_shape) and result["label"] in meta["classes"]
+    assert len(explain(model, torch.from_numpy(image)[None], meta)) == 1
+    assert served.probabilities(torch.from_numpy(image)[None]).shape == (1, len(meta["classes"]))
 
 
 def test_valid_checkpoints_load(ckpt_dir):
@@ -553,6 +571,113 @@ metadata_fields = st.fixed_dictionaries(
 @example(meta=dict(FULL_META, num_classes=2**40))
 def test_safetensors_metadata_claims(ckpt_dir, meta):
     load_bytes(ckpt_dir, _safetensors(GOOD_TENSORS, _header(meta)))
+
+
+# Field by field: each valid record below, with one or more of its fields deleted or replaced by
+# a value of another type, out of range, a list or nested garbage.
+DECODE_GRAY = {"name": "dataset-decode", "image_size": [28, 28], "resize": "fit", "color": "gray", "steps": ["resized"]}
+VALID_METAS = [
+    dict(FULL_META, preprocessing={"scale": "x / 255", "deskew": {"name": "moment-deskew"}, "image_files": {"name": "mnist-normalize"}},
+         config={"seed": 3}, metrics={"val_accuracy": 0.9, "train_loss": 0.3}, epochs=2),
+    dict(FULL_META, dataset="folder", preprocessing={"deskew": False, "image_files": DECODE_GRAY}),
+    dict(FULL_META, dataset="csv", input_shape=[3, 8, 8], num_classes=2, classes=["cat", "dog"],
+         preprocessing={"deskew": False, "image_files": dict(DECODE_GRAY, image_size=[8, 8], color="rgb", resize="crop")}),
+]
+FIELD_PATHS = [
+    ("dataset",), ("classes",), ("classes", 0), ("classes", 1), ("num_classes",), ("input_shape",), ("input_shape", 0),
+    ("input_shape", -1), ("preprocessing",), ("preprocessing", "deskew"), ("preprocessing", "scale"),
+    ("preprocessing", "image_files"), ("preprocessing", "image_files", "name"), ("preprocessing", "image_files", "image_size"),
+    ("preprocessing", "image_files", "image_size", 0), ("preprocessing", "image_files", "resize"),
+    ("preprocessing", "image_files", "color"), ("preprocessing", "image_files", "steps"), ("config",), ("config", "seed"),
+    ("metrics",), ("metrics", "val_accuracy"), ("epochs",),
+]
+odd_values = (
+    st.sampled_from([
+        None, True, False, 0, -1, 1, 3, 784, 2**31, 2**63, 2**64 + 1, -(2**70), 0.5, 28.0, float("nan"), float("inf"), "",
+        "28", "rgb", "gray", "crop", "dataset-decode", "mnist-normalize", "line\nbreak", "\ud800", [], [28], [784], [1, 784],
+        [784, 1], [28, 28], [3, 28, 28], [28, 28, 3], [1, 28, 28], [0, 0], [-28, -28], [2**20, 2**20], ["a", "a"], [None], [[28]],
+        {}, {"name": "dataset-decode"}, {"image_size": "28x28"}, {"deskew": True}, {"a": {"b": {"c": [1, {"d": None}]}}},
+    ])
+    | json_values
+)
+
+
+def _mutate_field(meta, where: tuple, action: str, value):
+    """``meta`` with the field at ``where`` deleted or replaced; a path that is not there changes nothing."""
+    parent = meta
+    for key in where[:-1]:
+        if not _holds(parent, key):
+            return
+        parent = parent[key]
+    key = where[-1]
+    if isinstance(parent, dict) and isinstance(key, str):
+        if action == "delete":
+            parent.pop(key, None)
+        else:
+            parent[key] = value
+    elif _holds(parent, key):
+        parent[key] = value
+
+
+def _holds(parent, key) -> bool:
+    if isinstance(parent, dict):
+        return key in parent
+    return isinstance(parent, list) and isinstance(key, int) and -len(parent) <= key < len(parent)
+
+
+@st.composite
+def mutated_metadata(draw) -> tuple[dict, dict]:
+    meta = json.loads(json.dumps(draw(st.sampled_from(VALID_METAS))))
+    tensors = {"linear.weight": torch.randn(meta["num_classes"], int(np.prod(meta["input_shape"]))),
+               "linear.bias": torch.zeros(meta["num_classes"])}
+    for _ in range(draw(st.integers(1, 3))):
+        _mutate_field(meta, draw(st.sampled_from(FIELD_PATHS)), draw(st.sampled_from(["delete", "replace"])), draw(odd_values))
+    return meta, tensors
+
+
+def test_valid_metadata_records_load_and_serve(ckpt_dir):
+    for meta in VALID_METAS:
+        tensors = {"linear.weight": torch.zeros(meta["num_classes"], int(np.prod(meta["input_shape"]))),
+                   "linear.bias": torch.zeros(meta["num_classes"])}
+        assert isinstance(load_bytes(ckpt_dir, _safetensors(tensors, _header(meta))), LogisticRegression)
+
+
+@pytest.mark.parametrize(("where", "value", "field"), [
+    (("preprocessing", "image_files"), ["dataset-decode"], "preprocessing.image_files"),
+    (("input_shape",), [784], "input_shape"),
+    (("input_shape",), [3, 28, 28], "preprocessing.image_files"),  # digits are gray
+    (("classes", 0), ["nested"], "classes"),
+    (("classes",), [str(i) for i in range(9)], "classes"),
+    (("preprocessing", "deskew"), "yes", "preprocessing.deskew"),
+    (("preprocessing", "image_files", "name"), 7, "preprocessing.image_files.name"),
+    (("config", "seed"), "3", "config.seed"),
+    (("metrics",), {"val_accuracy": 2**64}, "metrics"),
+    (("dataset",), "\ud800", "dataset"),
+])
+def test_lying_metadata_field_is_named(ckpt_dir, where, value, field):
+    meta = json.loads(json.dumps(VALID_METAS[0]))
+    _mutate_field(meta, where, "replace", value)
+    exc = load_bytes(ckpt_dir, _safetensors(GOOD_TENSORS, _header(meta)))
+    assert isinstance(exc, CheckpointError) and f"field {field} " in str(exc), exc
+
+
+@pytest.mark.parametrize(("index", "field"), [(0, "dataset"), (0, "classes"), (1, "preprocessing.image_files.color")])
+def test_missing_metadata_field_is_named(ckpt_dir, index, field):
+    meta = json.loads(json.dumps(VALID_METAS[index]))
+    _mutate_field(meta, tuple(field.split(".")), "delete", None)
+    tensors = {"linear.weight": torch.zeros(meta["num_classes"], int(np.prod(meta["input_shape"]))),
+               "linear.bias": torch.zeros(meta["num_classes"])}
+    exc = load_bytes(ckpt_dir, _safetensors(tensors, _header(meta)))
+    assert isinstance(exc, CheckpointError) and f"field {field} is missing" in str(exc), exc
+
+
+@FUZZ
+@given(case=mutated_metadata())
+@example(case=(dict(VALID_METAS[1], input_shape=[784]), GOOD_TENSORS))
+@example(case=(dict(VALID_METAS[0], preprocessing={"image_files": [1, 2]}), GOOD_TENSORS))
+def test_safetensors_metadata_fields_mutated(ckpt_dir, case):
+    meta, tensors = case
+    load_bytes(ckpt_dir, _safetensors(tensors, _header(meta)))
 
 
 @FUZZ

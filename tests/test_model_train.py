@@ -42,7 +42,7 @@ def test_fit_lowers_loss_and_learns(toy_data, cfg):
     model = LogisticRegression()
     before = torch.nn.functional.cross_entropy(model(xv), yv).item()
     history = fit(model, x, y, xv, yv, cfg)
-    assert len(history) == cfg.epochs_for(len(x)) or history[-1].get("converged")
+    assert len(history) == cfg.epochs_for(len(x)) or history[-1].get("converged") or history.stopped_early
     assert history[-1]["val_loss"] < before * 0.5
     assert history[-1]["val_accuracy"] > 0.9
     assert set(history[0]) >= {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds", "lr"}
@@ -226,3 +226,110 @@ def test_training_imports_neither_dynamo_nor_sympy(optimizer):
     done = subprocess.run([sys.executable, "-c", NO_DYNAMO_PROBE, optimizer], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["none"]
+
+
+# --- small data: the best epoch kept, early stopping, balanced classes, readable curves -------
+
+
+def _wrong_validation(toy_data):
+    """Validation labels shifted by one class: the better the model fits, the worse its validation loss."""
+    x, y, xv, yv = toy_tensors(toy_data)
+    return x, y, xv, (yv + 1) % 10
+
+
+def test_the_epoch_of_least_validation_loss_is_kept_and_training_stops_after_the_patience(toy_data):
+    x, y, xv, yv = _wrong_validation(toy_data)
+    torch.manual_seed(0)
+    model = LogisticRegression()
+    weights = {}
+    on_epoch = lambda h: weights.__setitem__(h["epoch"], model.linear.weight.detach().clone())  # noqa: E731
+    history = fit(model, x, y, xv, yv, TrainConfig(epochs=60, patience=5), on_epoch=on_epoch)
+    losses = [h["val_loss"] for h in history]
+    assert history.stopped_early and len(history) < 60
+    assert history.kept_epoch == 1 + losses.index(min(losses)) < len(history)
+    assert len(history) == history.kept_epoch + 5  # five epochs without a better validation loss, then stop
+    assert torch.equal(model.linear.weight, weights[history.kept_epoch])
+    assert history.kept is history[history.kept_epoch - 1]
+
+
+def test_without_keep_best_the_last_epoch_stays_and_all_epochs_run(toy_data):
+    x, y, xv, yv = _wrong_validation(toy_data)
+    torch.manual_seed(0)
+    model = LogisticRegression()
+    history = fit(model, x, y, xv, yv, TrainConfig(epochs=30, keep_best=False))
+    assert len(history) == 30 and history.kept_epoch is None and not history.stopped_early
+    assert history.kept is history[-1]
+
+
+def test_a_near_tie_goes_to_the_later_epoch():
+    from image_logreg.train import BestEpoch
+
+    model = LogisticRegression((2,), 2)
+    best = BestEpoch(model)
+    for epoch, loss in enumerate([0.5, 0.30, 0.3002, 0.31, 0.2999], 1):
+        best.update(epoch, loss)
+    assert best.epoch == 5 and best.stalled == 3  # 0.3002 and 0.2999 within 0.1% of 0.30: no improvement, but kept
+
+
+def test_patience_defaults_to_a_tenth_of_the_epochs_and_zero_never_stops():
+    assert TrainConfig().patience_for(5) == 10 and TrainConfig().patience_for(938) == 94
+    assert TrainConfig(patience=0).patience_for(938) == 0
+    with pytest.raises(UsageError, match="--patience"):
+        TrainConfig(patience=-1).check()
+    with pytest.raises(UsageError, match="class weight"):
+        TrainConfig(class_weight="heavy").check()
+
+
+def test_balanced_class_weights_give_the_gradient_of_the_weighted_loss():
+    from image_logreg.train import balanced_weights, batch_gradient, full_objective, target_rows
+
+    torch.manual_seed(0)
+    x, y = torch.rand(200, 12), torch.cat([torch.zeros(150), torch.ones(40), torch.full((10,), 2)]).long()
+    weights = balanced_weights(y, 3)
+    assert torch.allclose(weights, torch.tensor([200 / 450, 200 / 120, 200 / 30]))
+    model = LogisticRegression((12,), 3)
+    loss = (torch.nn.functional.cross_entropy(model(x), y, reduction="none") * weights[y]).mean()
+    loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    hot = target_rows(y, 3, weights)
+    loss_sum, _ = batch_gradient(model, x, y, hot, weighted=True)
+    assert loss_sum.item() / 200 == pytest.approx(loss.item(), rel=1e-6)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    full_objective(model, x, y, hot, 0.0, weighted=True)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+
+
+def test_balanced_class_weights_lift_a_small_class(toy_data):
+    """Class 0 kept at 8 of its training images: weighed equally, it is found more often."""
+    x, y, xv, yv = toy_tensors(toy_data)
+    rare = (y == 0).nonzero().flatten()[8:]
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[rare] = False
+    x, y = x[keep], y[keep]
+    recall = {}
+    for weighting in ("none", "balanced"):
+        torch.manual_seed(0)
+        model = LogisticRegression()
+        fit(model, x, y, xv, yv, TrainConfig(epochs=3, class_weight=weighting, lr=0.003, keep_best=False))
+        found = model.predict(xv[yv == 0]) == 0
+        recall[weighting] = found.float().mean().item()
+    assert recall["balanced"] > recall["none"]
+
+
+def test_long_curves_are_plain_lines_with_the_loss_on_a_log_scale(monkeypatch, tmp_path):
+    from image_logreg import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig))
+    long = [{"epoch": e, "train_loss": 2.0 / e, "train_accuracy": 0.9, "val_loss": 0.3 + e / 1000, "val_accuracy": 0.8}
+            for e in range(1, 201)]
+    plots.plot_curves(long, tmp_path / "c.png", kept_epoch=50)
+    plots.plot_curves(long[:5], tmp_path / "c.png")
+    ax_acc, ax_loss = figures[0].axes
+    assert all(line.get_marker() in ("None", None, "") for line in ax_loss.lines)
+    assert ax_loss.get_yscale() == "log" and ax_acc.get_yscale() == "linear"
+    assert any("kept (epoch 50)" in str(line.get_label()) for line in ax_loss.lines)
+    assert all(line.get_marker() not in ("None", None, "") for line in figures[1].axes[1].lines)
+    assert figures[1].axes[1].get_yscale() == "linear"

@@ -376,7 +376,8 @@ def test_sklearn_digits_defaults_reach_sklearn_logistic_regression(tmp_path, cap
     for seed in range(5):
         run = tmp_path / f"run-{seed}"
         summary = train_folder(capsys, tmp_path / "digits", run, "--seed", str(seed))  # otherwise the defaults
-        assert summary["epochs"] == 209  # 9 steps per epoch: as many epochs as make MNIST's 1,875 steps
+        # 9 steps per epoch: as many epochs as make MNIST's 1,875 steps, unless the patience rule stops it first
+        assert json.loads((run / "config.json").read_text())["epochs"] == 209 and summary["epochs"] <= 209
         ours.append(cli_json(capsys, "evaluate", run)["accuracy"])
         source = json.loads((run / "source.json").read_text())
         train, test = number(source["train_files"]), number(source["test_files"])
@@ -389,3 +390,26 @@ def test_sklearn_digits_defaults_reach_sklearn_logistic_regression(tmp_path, cap
               f"{' '.join(f'{a:.4f}' for a in theirs)} (mean {np.mean(theirs):.4f})")
     assert np.mean(ours) >= np.mean(theirs)
     assert min(a - b for a, b in zip(ours, theirs)) > -0.02  # within 7 images on every split
+
+
+def test_an_imbalanced_folder_says_each_class_recall_and_records_the_class_weight(tmp_path, capsys):
+    data = make_folder(tmp_path / "few", classes=3, per_class=12, color=False)
+    make_folder(tmp_path / "many", classes=1, per_class=60, color=False)
+    for k, path in enumerate(sorted((tmp_path / "many" / "class000").iterdir())):
+        path.rename(data / "class000" / f"extra{k}.png")  # class000: 72 images, the others 12
+    run = tmp_path / "run"
+    out, err = cli_ok(capsys, "train", "--dataset", "folder", "--data-dir", data, "--out", run, "--no-download",
+                      "--class-weight", "balanced", "--epochs", "20", "--patience", "3")
+    line = next(line for line in err.splitlines() if line.startswith("imbalanced classes"))
+    assert "weighed equally): validation recall" in line and all(f"class00{k}" in line for k in range(3)), line
+    config = json.loads((run / "config.json").read_text())
+    assert config["class_weight"] == "balanced" and config["patience"] == 3 and config["keep_best"] is True
+    assert config["epochs"] == 20 and 1 <= config["kept_epoch"] <= config["epochs_trained"] <= 20
+    assert load_model(run)[1]["kept_epoch"] == config["kept_epoch"]
+
+
+def test_no_keep_best_trains_every_epoch_and_keeps_the_last(tmp_path, capsys):
+    data = make_folder(tmp_path / "pets", classes=2, per_class=6, color=False)
+    summary = train_folder(capsys, data, tmp_path / "run", "--epochs", "15", "--no-keep-best")
+    assert summary["epochs"] == 15 and "kept_epoch" not in summary
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["keep_best"] is False

@@ -190,9 +190,18 @@ def test_aspect_ratio_is_kept():
 
 def test_small_digit_is_scaled_up_to_the_box():
     page = np.zeros((60, 60), np.float32)
-    page[20:28, 30:35] = 1
+    page[20:36, 30:40] = 1  # 16 of the page's 60 pixels tall: over the quarter that fills the box
     height, width = ink_box(normalize_digit(page))
     assert height == 20 and 11 <= width <= 14
+
+
+def test_a_speck_is_not_blown_up_to_fill_the_box():
+    """A glyph under a quarter of the page is scaled as one a quarter of the page would be: a dot
+    stays a dot (which the novelty score rejects), not a bold disc read as a confident 0."""
+    page = np.zeros((60, 60), np.float32)
+    page[20:28, 30:35] = 1  # 8 pixels of 60
+    height, width = ink_box(normalize_digit(page))
+    assert 10 <= height <= 11 and 6 <= width <= 8  # 8 x 20/15
 
 
 def test_dataset_shaped_digit_passes_through_unchanged(tmp_path):

@@ -71,3 +71,58 @@ def test_tensorboard_missing_is_a_one_line_error(capsys, toy_data, tmp_path, mon
     assert code == 2 and stdout == "" and len(err.strip().splitlines()) == 1
     assert "pip install 'image-logreg[tensorboard]'" in err
     assert not (tmp_path / "r").exists()
+
+
+def _dead_process() -> tuple[int, int]:
+    """The pid and start time of a process that has ended (and been reaped)."""
+    import subprocess
+
+    from image_logreg.files import _start_time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    start = _start_time(child.pid)
+    child.kill()
+    child.wait()
+    return child.pid, start
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads process start times from /proc")
+def test_a_later_run_removes_the_partials_of_killed_runs_to_its_out(capsys, toy_data, tmp_path):
+    import os
+
+    from image_logreg.files import _host, _maker
+
+    root = tmp_path / "runs"
+    pid, start = _dead_process()
+    partials = {
+        "killed": f".r.{_host()}-{pid}-{start}.k1ll3d_0.partial",
+        "pid reused": f".r.{_host()}-{os.getpid()}-{start + 1}.r3us3d_0.partial",
+        "running": f".r.{_maker()}.runn1ng0.partial",
+        "another machine's": f".r.{'0' * 8 if _host() != '0' * 8 else '1' * 8}-{pid}-{start}.0th3rh0s.partial",
+        "older naming": ".r.k3j4l5mz.partial",
+        "another --out's": f".rr.{_host()}-{pid}-{start}.0th3r0ut.partial",
+    }
+    for name in partials.values():
+        (root / name / "tensorboard").mkdir(parents=True)
+        (root / name / "history.json").write_text("[]")
+
+    train(capsys, toy_data, root / "r", "--epochs", "1")
+    left = {p.name for p in root.iterdir()}
+    assert partials["killed"] not in left and partials["pid reused"] not in left
+    for kept in ("running", "another machine's", "older naming", "another --out's"):
+        assert partials[kept] in left, kept
+    assert left - set(partials.values()) == {"r"}, "the run left its own partial behind"
+
+
+def test_a_partial_of_another_user_is_left_alone(tmp_path, monkeypatch):
+    import os
+
+    from image_logreg import files
+
+    pid, start = _dead_process()
+    stale = tmp_path / f".r.{files._host()}-{pid}-{start}.0th3rus3.partial"
+    stale.mkdir()
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(stale).st_uid + 1)
+    assert files.remove_stale_partials(tmp_path / "r") == [] and stale.is_dir()
+    monkeypatch.undo()
+    assert files.remove_stale_partials(tmp_path / "r") == [stale] and not stale.exists()

@@ -91,7 +91,8 @@ def test_model_metadata_describes_tensors_and_classes(client, models):
     meta = client.get("/v2/models/plain").json()
     assert meta["name"] == "plain" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 28, 28]}]
-    assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"probabilities": [-1, 10], "class_index": [-1]}
+    assert {o["name"]: o["shape"] for o in meta["outputs"]} == {"probabilities": [-1, 10], "class_index": [-1],
+                                                               "rejected": [-1], "ood_score": [-1]}
     assert meta["parameters"]["classes"] == models["plain"].classes and meta["parameters"]["deskew"] is False
     assert client.get("/v2/models/deskewed/versions/1").json()["parameters"]["deskew"] is True
     assert client.get("/v2/models/plain/ready").json() == {"name": "plain", "ready": True}
@@ -221,11 +222,12 @@ def test_predict_explain_shows_what_the_model_saw_and_why(client, models):
 
 
 def test_predict_errors_name_the_problem(client, tmp_path):
-    assert_error(client.post("/predict", content=b"hello", headers={"Content-Type": "image/png"}), 400, "upload: not an image")
+    # a file that cannot be used is 422, once no file in the request could be
+    assert_error(client.post("/predict", content=b"hello", headers={"Content-Type": "image/png"}), 422, "upload: not an image")
     blank = png_bytes(np.full((50, 50), 255, np.uint8))
-    assert_error(client.post("/predict?filename=blank.png", content=blank), 400, "blank.png: blank image")
+    assert_error(client.post("/predict?filename=blank.png", content=blank), 422, "blank.png: blank image")
     truncated = user_digit(1)[:60]
-    assert_error(client.post("/predict", files=[("files", ("cut.png", truncated, "image/png"))]), 400, "cut.png")
+    assert_error(client.post("/predict", files=[("files", ("cut.png", truncated, "image/png"))]), 422, "cut.png")
     assert_error(client.post("/predict", content=b""), 400, "empty body")
     assert_error(client.post("/predict", json={"x": 1}), 415, "not an image")
     assert_error(client.post("/predict?model=nope", content=user_digit(1)), 404, "unknown model")
@@ -263,6 +265,43 @@ def test_token_guards_the_api_but_not_the_page(models):
         assert client.post("/predict", content=user_digit(1), headers=ok).status_code == 200
         assert client.get("/metrics", headers=ok).status_code == 200
         assert client.get("/").status_code == 200 and "<html" in client.get("/").text.lower()
+        icon = client.get("/favicon.ico")  # every browser asks for it before it has a token
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+        assert Image.open(io.BytesIO(icon.content)).format == "ICO"
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect(client):
+    # a redirect's location would be built from the Host header the client sent
+    for path in ("/v2/models/", "/v2/health/live/", "/predict/"):
+        response = client.get(path, headers={"Host": "evil.test"}, follow_redirects=False)
+        assert_error(response, 404, "not found")
+        assert "location" not in response.headers
+
+
+def test_short_tokens_are_refused_and_token_files_others_can_read_are_warned_of(capsys, monkeypatch, tmp_path):
+    from image_logreg.errors import UsageError
+    from image_logreg.serve.server import TOKEN_ENV, read_token
+
+    short = tmp_path / "short"
+    short.write_text("x\n")
+    short.chmod(0o600)
+    with pytest.raises(UsageError, match="a 1-character token is too short; use at least 16.*secrets.token_urlsafe"):
+        read_token(str(short))
+    monkeypatch.setenv(TOKEN_ENV, "abc")
+    with pytest.raises(UsageError, match=f"\\${TOKEN_ENV}: a 3-character token"):
+        read_token(None)
+    monkeypatch.setenv(TOKEN_ENV, "a" * 16)
+    assert read_token(None) == "a" * 16
+    capsys.readouterr()
+
+    good = tmp_path / "token"
+    good.write_text("t" * 32 + "\n")
+    good.chmod(0o600)
+    assert read_token(str(good)) == "t" * 32 and capsys.readouterr().err == ""
+    good.chmod(0o644)
+    assert read_token(str(good)) == "t" * 32
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "can be read by other users" in err and "chmod 600" in err
 
 
 def test_cors_is_closed_unless_an_origin_is_given(models):
@@ -285,6 +324,21 @@ def test_metrics_count_requests_latency_and_images(client):
     assert 'image_logreg_images_predicted_total{model="plain"} 3.0' in text
     assert 'image_logreg_images_predicted_total{model="deskewed"} 1.0' in text
     assert 'image_logreg_request_duration_seconds_count{endpoint="/predict"} 1.0' in text
+
+
+def test_requests_refused_before_routing_are_counted_under_their_endpoint(models):
+    """413 and 401 are sent before FastAPI routes the request; the metrics still name its route."""
+    with TestClient(create_app(models, max_body=4096, token="t" * 16, log=lambda line: None)) as client:
+        ok = {"Authorization": "Bearer " + "t" * 16}
+        client.post("/v2/models/plain/infer", content=b"x" * 5000, headers=ok)
+        client.post("/predict", content=b"x" * 5000, headers=ok)
+        client.get("/v2/models/plain")
+        client.get("/no/such/path", headers=ok)
+        text = client.get("/metrics", headers=ok).text
+    assert 'image_logreg_requests_total{endpoint="/v2/models/{name}/infer",method="POST",status="413"} 1.0' in text
+    assert 'image_logreg_requests_total{endpoint="/predict",method="POST",status="413"} 1.0' in text
+    assert 'image_logreg_requests_total{endpoint="/v2/models/{name}",method="GET",status="401"} 1.0' in text
+    assert 'image_logreg_requests_total{endpoint="unmatched",method="GET",status="404"} 1.0' in text
 
 
 def test_one_access_line_per_request(client):
@@ -326,6 +380,12 @@ def test_serve_refuses_bad_setups_with_one_line(capsys, runs, tmp_path):
     (tmp_path / "empty").write_text("\n")
     code, out, err = run_cli(capsys, "serve", runs / "plain", "--token-file", tmp_path / "empty")
     assert_one_line_error(code, out, err, "is empty")
+    for flags, fragment in ((["--max-buffered", "1000", "--max-body", "2000"], "--max-buffered (1000 bytes) must be"),
+                            (["--header-timeout", "0"], "--header-timeout must be a number of seconds above 0"),
+                            (["--body-timeout", "nan"], "--body-timeout must be"),
+                            (["--max-connections", "0"], "--max-connections must be at least 1")):
+        code, out, err = run_cli(capsys, "serve", runs / "plain", *flags)
+        assert_one_line_error(code, out, err, fragment)
 
 
 def test_a_colour_model_is_served_as_its_dataset_was_made(capsys, tmp_path):
@@ -374,6 +434,7 @@ def test_hot_routes_answer_as_the_fastapi_routes_do(models):
         ("post", "/v2/models/plain/infer", {"json": infer_body(toy_images(2), id="a")}),
         ("post", "/v2/models/deskewed/versions/1/infer", {"json": infer_body(toy_images(1), outputs=[{"name": "class_index"}])}),
         ("post", "/v2/models/plain/infer", {"json": infer_body(toy_images(1), datatype="FP32")}),
+        ("post", "/v2/models/plain/infer", {"json": infer_body(toy_images(3), outputs=[{"name": "ood_score"}, {"name": "rejected"}])}),
         ("post", "/v2/models/plain/infer", {"json": {"inputs": [{"name": "input", "shape": [1, 28, 28], "datatype": "UINT8", "data": [True] * 784}]}}),
         ("post", "/v2/models/plain/infer", {"json": infer_body(toy_images(1)), "headers": {"Inference-Header-Content-Length": "10"}}),
         ("post", "/v2/models/nope/infer", {"json": infer_body(toy_images(1))}),
@@ -406,3 +467,119 @@ def test_a_bug_in_a_hot_route_is_a_logged_500_in_one_line(models, monkeypatch, c
     with TestClient(create_app(models, log=lambda line: None), raise_server_exceptions=False) as client:
         assert_error(client.post("/v2/models/plain/infer", json=infer_body(toy_images(1))), 500, "internal error")
     assert "a bug" in caplog.text
+
+
+# --- knowing when it does not know: rejected and ood_score ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_models(mnist_run, tmp_path_factory):
+    """The real MNIST model, and the same weights as an old checkpoint (a tutorial state_dict),
+    which has no novelty score."""
+    from image_logreg.checkpoint import load_model
+
+    model, _ = load_model(mnist_run)
+    old = tmp_path_factory.mktemp("old") / "tutorial.pth"
+    torch.save({k: v.clone() for k, v in model.state_dict().items()}, old)
+    return load_models([f"mnist={mnist_run}", f"old={old}"])
+
+
+@pytest.fixture
+def real_client(real_models):
+    with TestClient(create_app(real_models, log=lambda line: None)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def mnist_test_images(real_data) -> np.ndarray:
+    from image_logreg.data import load_split
+
+    return load_split("mnist", real_data, "test").images[:200].numpy()
+
+
+def outputs_of(response) -> dict:
+    assert response.status_code == 200, response.text
+    return {o["name"]: o for o in response.json()["outputs"]}
+
+
+def noise_images(n: int) -> np.ndarray:
+    return np.random.default_rng(5).integers(0, 256, (n, 28, 28)).astype(np.uint8)
+
+
+def dot_png() -> bytes:
+    """A tap on the page's pad: one round dot of its pen, dark on white."""
+    yy, xx = np.mgrid[:280, :280]
+    return png_bytes(np.where((yy - 140) ** 2 + (xx - 140) ** 2 <= 13**2, 0, 255).astype(np.uint8))
+
+
+def test_metadata_lists_the_novelty_outputs_only_for_models_that_have_them(real_client, real_models):
+    meta = real_client.get("/v2/models/mnist").json()
+    assert meta["outputs"] == [
+        {"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]},
+        {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+        {"name": "rejected", "datatype": "BOOL", "shape": [-1]},
+        {"name": "ood_score", "datatype": "FP32", "shape": [-1]},
+    ]
+    model = real_models["mnist"].model
+    assert meta["parameters"]["temperature"] == model.temperature != 1.0
+    assert meta["parameters"]["novelty"] == {"threshold": model.novelty.threshold, "keep": model.novelty.keep}
+    old = real_client.get("/v2/models/old").json()
+    assert [o["name"] for o in old["outputs"]] == ["probabilities", "class_index"]
+    assert old["parameters"]["novelty"] is None and old["parameters"]["temperature"] == 1.0
+
+
+def test_infer_rejects_noise_and_accepts_mnist_digits(real_client, real_models, mnist_test_images):
+    digits = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(mnist_test_images)))
+    assert list(digits) == ["probabilities", "class_index", "rejected", "ood_score"]
+    rejected, scores = digits["rejected"], digits["ood_score"]
+    assert rejected["datatype"] == "BOOL" and rejected["shape"] == [200] and {type(v) for v in rejected["data"]} == {bool}
+    assert scores["datatype"] == "FP32" and scores["shape"] == [200]
+    assert sum(rejected["data"]) <= 10  # the threshold keeps 99% of held-out digits
+    served = real_models["mnist"]
+    expected = served.model.novelty_scores(served.inputs(torch.from_numpy(mnist_test_images)))
+    np.testing.assert_allclose(scores["data"], expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert rejected["data"] == [s > served.model.novelty.threshold for s in scores["data"]]
+
+    noise = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(noise_images(16))))
+    assert noise["rejected"]["data"] == [True] * 16
+    assert min(noise["ood_score"]["data"]) > max(scores["data"])
+    # the probabilities are still there: rejecting is the client's call to make
+    assert noise["probabilities"]["shape"] == [16, 10]
+
+
+def test_named_outputs_may_be_the_novelty_ones_alone(real_client, mnist_test_images):
+    images = mnist_test_images[:3]
+    everything = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(images)))
+    named = real_client.post("/v2/models/mnist/infer",
+                             json=infer_body(images, outputs=[{"name": "ood_score"}, {"name": "rejected"}]))
+    assert list(outputs_of(named)) == ["ood_score", "rejected"]
+    assert outputs_of(named)["ood_score"] == everything["ood_score"]
+    fp32 = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(images / 255.0, "FP32")))
+    assert fp32["rejected"] == everything["rejected"]
+    np.testing.assert_allclose(fp32["ood_score"]["data"], everything["ood_score"]["data"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_without_novelty_answers_as_before(real_client, mnist_test_images):
+    old = outputs_of(real_client.post("/v2/models/old/infer", json=infer_body(noise_images(2))))
+    assert list(old) == ["probabilities", "class_index"]
+    asked = real_client.post("/v2/models/old/infer", json=infer_body(noise_images(1), outputs=[{"name": "rejected"}]))
+    assert_error(asked, 400, "unknown output 'rejected'", "probabilities, class_index", "no novelty score")
+    assert_error(real_client.post("/v2/models/mnist/infer", json=infer_body(noise_images(1), outputs=[{"name": "ood"}])),
+                 400, "unknown output 'ood'", "rejected, ood_score")
+    entry = real_client.post("/predict?model=old", content=dot_png()).json()[0]
+    assert "rejected" not in entry and "ood_score" not in entry
+
+
+def test_predict_entries_say_whether_the_image_is_rejected(real_client, real_models, mnist_test_images):
+    seven = mnist_test_images[0]  # a plain, upright 7, as a user would bring it: large, dark on white
+    user_seven = png_bytes(np.asarray(Image.fromarray(255 - seven).resize((224, 224), Image.Resampling.BICUBIC)))
+    files = [("files", ("seven.png", user_seven, "image/png")), ("files", ("dot.png", dot_png(), "image/png"))]
+    entries = real_client.post("/predict?model=mnist", files=files).json()
+    assert entries[0]["label"] == real_models["mnist"].classes[7]
+    assert [e["rejected"] for e in entries] == [False, True]
+    assert entries[0]["ood_score"] <= real_models["mnist"].model.novelty.threshold < entries[1]["ood_score"]
+    explained = real_client.post("/predict?model=mnist&explain=true", files=files).json()
+    for plain, why in zip(entries, explained):
+        assert (why["rejected"], why["ood_score"]) == (plain["rejected"], plain["ood_score"])
+        assert len(why["probabilities"]) == 10 and "evidence" in why
+

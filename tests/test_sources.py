@@ -277,6 +277,67 @@ def test_decoding_in_worker_processes_matches_one_process(tmp_path, monkeypatch)
     assert torch.equal(serial.images, parallel.images) and serial.source["skipped"] == parallel.source["skipped"]
 
 
+# A decode whose chunks take a minute: its workers are certainly busy when the parent is killed.
+_STALLED_DECODE = """
+import sys, time
+from image_logreg.sources import images, workers
+if sys.argv[1] == "watch":
+    workers._kernel_kills_on_parent_death = lambda: False
+def stall(task):
+    time.sleep(60)
+images._decode_chunk = stall
+paths = [f"{i}.png" for i in range(4 * images.CHUNK)]
+images.decode_files(paths, images.DecodeSettings((4, 4), "fit", "gray"), progress=False, workers=2)
+"""
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.update(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads worker processes from /proc")
+@pytest.mark.parametrize("how", ["kernel", "watch"])
+def test_decode_workers_end_when_their_parent_is_killed(how):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _STALLED_DECODE, how])
+    workers = set()
+    try:
+        deadline = time.monotonic() + 30
+        while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.05)
+            workers = _children(parent.pid)
+        assert len(workers) == 2, f"the decode did not start its 2 workers (exit status {parent.poll()})"
+        time.sleep(0.5)  # past the workers' start, into their chunks
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 5
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(map(_running, workers)), f"workers {sorted(filter(_running, workers))} outlived their parent"
+    finally:
+        parent.kill()
+        for pid in filter(_running, workers):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_progress_bar_goes_to_stderr_when_asked(tmp_path, capsys):
     root = tmp_path / "bar"
     save(root / "a" / "0.png", gray(0))
@@ -410,6 +471,78 @@ def test_no_cache_writes_nothing_and_a_damaged_entry_is_rebuilt(tmp_path, isolat
     assert rebuilt.source["cache"]["hit"] is False and len(rebuilt) == 6
     folder._RECENT.clear()
     assert load(root, test_fraction=0.0).source["cache"]["hit"] is True
+
+
+def _lie_in_entry(entry: Path, lie: str) -> None:
+    import json
+
+    record_file = entry / cache.ENTRY_FILE
+    record = json.loads(record_file.read_text())
+    if lie == "pixels":
+        images_file = entry / cache.IMAGES_FILE
+        data = bytearray(images_file.read_bytes())
+        data[-5] ^= 0xFF  # one pixel, in place: the file's size and header stay right
+        images_file.write_bytes(bytes(data))
+        return
+    changes = {
+        "usable out of range": {"usable": [*record["usable"][:-1], 10**6]},
+        "usable negative": {"usable": [-1, *record["usable"][1:]]},
+        "usable strings": {"usable": [str(i) for i in record["usable"]]},
+        "usable repeated": {"usable": [0, *record["usable"][:-1]]},
+        "usable a number": {"usable": 3},
+        "skipped garbage": {"skipped": [[{"a": 1}, None]]},
+        "image_size": {"image_size": [6, 8]},
+        "image_size strings": {"image_size": ["12", "16"]},
+        "color": {"color": "rgb"},
+        "color unknown": {"color": ["gray"]},
+        "shape": {"shape": "6x12x16"},
+        "checksum": {"checksum": None},
+    }
+    if lie == "missing key":
+        del record["usable"]
+    elif lie == "a list":
+        record = [record]
+    elif lie == "nested garbage":
+        record = {"format": record["format"], "checksum": record["checksum"], "usable": [[[[]]]] * 3, "skipped": {"x": [1]}}
+    else:
+        record.update(changes[lie])
+    record_file.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("lie", [
+    "pixels", "usable out of range", "usable negative", "usable strings", "usable repeated", "usable a number",
+    "skipped garbage", "image_size", "image_size strings", "color", "color unknown", "shape", "checksum", "missing key",
+    "a list", "nested garbage",
+])
+def test_a_lying_cache_entry_is_rebuilt(tmp_path, isolated_cache, lie):
+    root = make_small_folder(tmp_path / "small")
+    first = load(root, test_fraction=0.0)
+    _lie_in_entry(Path(first.source["cache"]["path"]), lie)
+    folder._RECENT.clear()
+    rebuilt = load(root, test_fraction=0.0)
+    assert rebuilt.source["cache"]["hit"] is False
+    assert torch.equal(rebuilt.images, first.images) and torch.equal(rebuilt.labels, first.labels)
+    folder._RECENT.clear()
+    again = load(root, test_fraction=0.0)
+    assert again.source["cache"]["hit"] is True and torch.equal(again.images, first.images)
+
+
+def test_a_cache_entry_of_another_colour_or_size_than_asked_is_not_used(tmp_path, isolated_cache):
+    """An entry's colour and size must be those the load asks for, even where the images agree with the record."""
+    import json
+
+    root = make_small_folder(tmp_path / "small")
+    asked = dict(test_fraction=0.0, color="gray", image_size=8)
+    first = load(root, **asked)
+    entry = Path(first.source["cache"]["path"])
+    rgb = np.repeat(np.load(entry / cache.IMAGES_FILE)[:, None], 3, axis=1)
+    np.save(entry / cache.IMAGES_FILE, rgb)
+    record = json.loads((entry / cache.ENTRY_FILE).read_text())
+    record.update(color="rgb", shape=list(rgb.shape), checksum=cache.file_checksum(entry / cache.IMAGES_FILE))
+    (entry / cache.ENTRY_FILE).write_text(json.dumps(record))
+    folder._RECENT.clear()
+    again = load(root, **asked)
+    assert again.source["cache"]["hit"] is False and again.images.shape == (6, 8, 8)
 
 
 def test_default_cache_dir_follows_xdg(monkeypatch, tmp_path):

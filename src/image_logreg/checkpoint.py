@@ -14,16 +14,21 @@ import os
 import pickle
 import pickletools
 import re
+import unicodedata
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
+from .confidence import Novelty
 from .data import DATASET_DECODE, preprocessing_for
 from .errors import CheckpointError
 from .files import atomic_path
 from .model import LogisticRegression
+from .sources.images import COLORS, RESIZE_MODES
 from .settings import CLASSES, DATASET_NAMES, dataset_folder
 
 FORMAT = "image-logreg"
@@ -38,6 +43,11 @@ def save_model(path: str | os.PathLike, model: LogisticRegression, metadata: dic
 
     meta = dict(metadata, input_shape=list(model.input_shape), num_classes=model.num_classes)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.temperature != 1.0:
+        meta["temperature"] = model.temperature
+    if model.novelty is not None:
+        meta["novelty"] = model.novelty.metadata()
+        tensors.update(model.novelty.tensors())
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION), "image_logreg": json.dumps(meta)})
@@ -71,6 +81,8 @@ def load_model(
         tensors = _read_state_dict(path)
         meta = _tutorial_metadata(dataset or "mnist")
     model = _build(path, tensors, meta)
+    if model.novelty is not None:
+        model.novelty.to(device)
     return model.to(device).eval(), meta
 
 
@@ -102,46 +114,183 @@ def _read_safetensors(path: Path) -> tuple[dict, dict]:
 
 
 def _check_metadata(path: Path, meta) -> None:
-    """The fields the package builds on, checked before anything is built from them.
+    """Every field the package reads, checked against ``METADATA_SCHEMA`` before anything is built.
 
     The metadata is the file's own claim: an input shape of 2^20 x 2^20 would otherwise size a
-    4 TiB model before the (small) weights were found not to fit it.
+    4 TiB model before the (small) weights were found not to fit it, and a field of the wrong
+    kind would surface later as a crash in whatever reads it (predict, the server's metadata).
     """
-
-    def corrupt(why: str):
-        raise CheckpointError(f"{path}: checkpoint metadata is corrupt ({why})")
-
     if not isinstance(meta, dict):
-        corrupt(f"a JSON {type(meta).__name__}, not an object")
-    if not isinstance(meta.get("dataset"), str):
-        corrupt("no dataset name")
-    shape = meta.get("input_shape")
-    if not (isinstance(shape, list) and 1 <= len(shape) <= 3 and all(type(d) is int and d > 0 for d in shape)):
-        corrupt(f"input_shape {_short(shape)} is not a list of 1 to 3 positive whole numbers")
-    classes, num_classes = meta.get("classes"), meta.get("num_classes")
-    if not (type(num_classes) is int and num_classes > 0):
-        corrupt(f"num_classes {_short(num_classes)} is not a positive whole number")
-    if not (isinstance(classes, list) and len(classes) == num_classes and all(isinstance(c, str) for c in classes)):
-        corrupt(f"classes is not a list of {num_classes} names")
-    if not isinstance(meta.get("preprocessing", {}), dict):
-        corrupt("preprocessing is not an object")
-    files = meta.get("preprocessing", {}).get("image_files")
-    if isinstance(files, dict) and files.get("name") == DATASET_DECODE:
-        _check_decode(files, shape, corrupt)
+        raise CheckpointError(f"{path}: checkpoint metadata is corrupt (a JSON {type(meta).__name__}, not an object)")
+    for name, field in METADATA_SCHEMA.items():
+        found, value = _field(meta, name)
+        if not found:
+            if field.required is True or (callable(field.required) and field.required(meta)):
+                raise CheckpointError(f"{path}: checkpoint metadata field {name} is missing")
+            continue
+        if not field.check(value):
+            raise CheckpointError(f"{path}: checkpoint metadata field {name} is {_short(value)}, not {field.wants}")
+    for name, agrees in METADATA_AGREEMENTS:
+        why = agrees(meta)
+        if why:
+            raise CheckpointError(f"{path}: checkpoint metadata field {name} {why}")
 
 
-def _check_decode(files: dict, shape: list, corrupt) -> None:
-    """A dataset-decode record must say how to bring a file to exactly the model's input shape."""
-    from .sources.images import COLORS, RESIZE_MODES
+def _field(meta: dict, name: str) -> tuple[bool, object]:
+    """``(found, value)`` of a dotted field; an absent or null parent means the field is absent."""
+    value = meta
+    for key in name.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return False, None
+        value = value[key]
+    return True, value
 
-    size, color = files.get("image_size"), files.get("color")
-    if not (isinstance(size, list) and len(size) == 2 and all(type(d) is int and d > 0 for d in size)):
-        corrupt(f"image_files image_size {_short(size)} is not two positive whole numbers")
-    if files.get("resize") not in RESIZE_MODES or color not in COLORS:
-        corrupt(f"image_files resize {_short(files.get('resize'))} or color {_short(color)} is unknown")
-    made = [3, *size] if color == "rgb" else size
+
+def _line(value) -> bool:
+    """Text that prints on one line and encodes as UTF-8 (a lone surrogate from JSON would not)."""
+    if not (isinstance(value, str) and 0 < len(value) <= 1000):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value)  # controls, line breaks
+
+
+def _whole(low: int, high: int):
+    return lambda value: type(value) is int and low <= value <= high
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _object(value) -> bool:
+    return isinstance(value, dict)
+
+
+MAX_SIDE = 65535  # pixels a side: more than any image format the decoders read
+
+
+def _side(value) -> bool:
+    return type(value) is int and 1 <= value <= MAX_SIDE
+
+
+def _input_shape(value) -> bool:
+    return isinstance(value, list) and (
+        (len(value) == 2 and all(map(_side, value))) or (len(value) == 3 and value[0] == 3 and all(map(_side, value[1:])))
+    )
+
+
+def _class_names(value) -> bool:
+    return isinstance(value, list) and 0 < len(value) and all(map(_line, value)) and len(set(value)) == len(value)
+
+
+def _finite(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _temperature(value) -> bool:
+    return _finite(value) and 1e-3 <= value <= 1e3
+
+
+def _scale(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(map(_finite, value)) and value[1] > value[0]
+
+
+def _scales(value) -> bool:
+    return isinstance(value, dict) and set(value) == set(Novelty.SCORES) and all(map(_scale, value.values()))
+
+
+def _has_novelty(meta: dict) -> bool:
+    return "novelty" in meta
+
+
+def _metrics(value) -> bool:
+    # served as JSON: flat, finite numbers a 64-bit encoder can write
+    return isinstance(value, dict) and all(
+        _line(k) and (v is None or (type(v) in (int, float) and math.isfinite(v) and abs(v) < 2**53)) for k, v in value.items()
+    )
+
+
+def _deskew(value) -> bool:
+    return value is None or type(value) is bool or isinstance(value, dict)
+
+
+def _image_size(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(map(_side, value))
+
+
+def _decodes(meta: dict) -> bool:
+    return _field(meta, "preprocessing.image_files.name")[1] == DATASET_DECODE
+
+
+class Field(NamedTuple):
+    check: Callable[[object], bool]
+    wants: str  # what a good value is, as the error says it
+    required: bool | Callable[[dict], bool] = False
+
+
+# Each field the package reads, parents before their children. Fields it does not read are not
+# checked, so a later version may add its own.
+METADATA_SCHEMA = {
+    "dataset": Field(_line, "a dataset name", required=True),
+    "input_shape": Field(_input_shape, f"[H, W] or [3, H, W] with sides from 1 to {MAX_SIDE}", required=True),
+    "num_classes": Field(_whole(1, 2**31), "a positive whole number", required=True),
+    "classes": Field(_class_names, "a list of distinct one-line class names", required=True),
+    "preprocessing": Field(_optional(_object), "an object"),
+    "preprocessing.deskew": Field(_deskew, "false or a deskew description"),
+    "preprocessing.image_files": Field(_optional(_object), "an object"),
+    "preprocessing.image_files.name": Field(_optional(_line), "a preprocessing name"),
+    "preprocessing.image_files.image_size": Field(_image_size, f"[H, W] with sides from 1 to {MAX_SIDE}", required=_decodes),
+    "preprocessing.image_files.resize": Field(lambda v: v in RESIZE_MODES, f"one of {', '.join(RESIZE_MODES)}", required=_decodes),
+    "preprocessing.image_files.color": Field(lambda v: v in COLORS, f"one of {', '.join(COLORS)}", required=_decodes),
+    "config": Field(_optional(_object), "an object"),
+    "config.seed": Field(_optional(_whole(-(2**63), 2**63 - 1)), "a whole number"),
+    "metrics": Field(_optional(_metrics), "an object of finite numbers"),
+    "kept_epoch": Field(_optional(_whole(0, 2**31)), "an epoch number"),
+    "temperature": Field(_temperature, "a temperature from 0.001 to 1000"),
+    "novelty": Field(_object, "an object"),
+    "novelty.scales": Field(_scales, f"{', '.join(Novelty.SCORES)} scales, each [median, high] with high > median", required=_has_novelty),
+    "novelty.threshold": Field(_finite, "a finite number", required=_has_novelty),
+    "novelty.keep": Field(lambda v: _finite(v) and 0 < v <= 1, "a share from 0 to 1", required=_has_novelty),
+    "novelty.components": Field(_whole(1, 2**31), "a positive whole number", required=_has_novelty),
+    "novelty.ink": Field(_finite, "a finite number", required=_has_novelty),
+    "novelty.extent": Field(_finite, "a finite number", required=_has_novelty),
+}
+
+
+def _classes_counted(meta: dict) -> str | None:
+    if len(meta["classes"]) != meta["num_classes"]:
+        return f"names {len(meta['classes'])} classes, but num_classes is {meta['num_classes']}"
+    return None
+
+
+def _decode_makes_input_shape(meta: dict) -> str | None:
+    """A dataset-decode model must bring a file to exactly its input shape; any other is fed gray digits."""
+    shape = meta["input_shape"]
+    if _decodes(meta):
+        files = meta["preprocessing"]["image_files"]
+        made = [3, *files["image_size"]] if files["color"] == "rgb" else files["image_size"]
+    else:
+        made = shape[-2:]
     if made != shape:
-        corrupt(f"image_files make {'x'.join(map(str, made))} images, but input_shape is {'x'.join(map(str, shape))}")
+        return f"disagrees: image_files make {'x'.join(map(str, made))} images, but input_shape is {'x'.join(map(str, shape))}"
+    return None
+
+
+def _deskew_on_gray(meta: dict) -> str | None:
+    if _field(meta, "preprocessing.deskew")[1] and len(meta["input_shape"]) != 2:
+        return f"is on, but deskewing works on gray images and input_shape is {'x'.join(map(str, meta['input_shape']))}"
+    return None
+
+
+# Fields that must agree with others, checked once each is known to be well formed.
+METADATA_AGREEMENTS = (
+    ("classes", _classes_counted),
+    ("preprocessing.image_files", _decode_makes_input_shape),
+    ("preprocessing.deskew", _deskew_on_gray),
+)
 
 
 def _short(value) -> str:
@@ -270,13 +419,18 @@ def _tutorial_metadata(dataset: str) -> dict:
 
 
 def _build(path: Path, tensors: dict, meta: dict) -> LogisticRegression:
-    if set(tensors) != set(TENSOR_KEYS):
+    expected = (*TENSOR_KEYS, *Novelty.TENSORS) if "novelty" in meta else TENSOR_KEYS
+    if set(tensors) != set(expected):
         raise CheckpointError(
-            f"{path}: expected tensors {', '.join(TENSOR_KEYS)}, found {', '.join(sorted(tensors)) or 'none'}"
+            f"{path}: expected tensors {', '.join(expected)}, found {', '.join(sorted(tensors)) or 'none'}"
         )
     shape, num_classes = meta["input_shape"], meta["num_classes"]
+    features = math.prod(shape)
     # Compared before the model exists, so its size is bounded by weights the file really holds.
-    needs = {"linear.weight": (num_classes, math.prod(shape)), "linear.bias": (num_classes,)}
+    needs = {"linear.weight": (num_classes, features), "linear.bias": (num_classes,)}
+    if "novelty" in meta:
+        k = meta["novelty"]["components"]
+        needs.update({"novelty.mean": (features,), "novelty.components": (features, k), "novelty.variances": (k,)})
     for key, need in needs.items():
         tensor = tensors[key]
         if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.device.type != "cpu":
@@ -290,8 +444,13 @@ def _build(path: Path, tensors: dict, meta: dict) -> LogisticRegression:
             )
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {key} holds NaN or infinite values")
+        if key == "novelty.variances" and not (tensor > 0).all():
+            raise CheckpointError(f"{path}: {key} holds values that are not positive")
     model = LogisticRegression(shape, num_classes)
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    model.load_state_dict({k: tensors[k].float() for k in TENSOR_KEYS})
+    model.temperature = float(meta.get("temperature", 1.0))
+    if "novelty" in meta:
+        model.novelty = Novelty.from_checkpoint(tensors, meta["novelty"], tuple(shape))
     return model
 
 

@@ -100,6 +100,11 @@ def cmd_train(args) -> int:
         "weight_decay": args.weight_decay,
         "schedule": args.schedule,
         "tolerance": args.tolerance,
+        "keep_best": args.keep_best,
+        "patience": args.patience,
+        "class_weight": args.class_weight,
+        "calibrate": False if args.no_calibrate else None,
+        "keep": args.keep,
         "seed": args.seed,
         "deskew": args.deskew,
         "max_memory": args.max_memory,
@@ -126,7 +131,8 @@ def cmd_train(args) -> int:
             metrics = f"val accuracy {summary['val_accuracy']:.4f}, val loss {summary['val_loss']:.4f}"
         else:  # --val-fraction 0: the training figures are all there is
             metrics = f"train accuracy {summary['train_accuracy']:.4f}, train loss {summary['train_loss']:.4f} (no validation set)"
-        print(f"{metrics} after {summary['epochs']} epochs ({summary['seconds']:.2f}s); run saved to {summary['run_dir']}")
+        kept = f", weights of epoch {summary['kept_epoch']}" if summary.get("kept_epoch", summary["epochs"]) != summary["epochs"] else ""
+        print(f"{metrics} after {summary['epochs']} epochs ({summary['seconds']:.2f}s{kept}); run saved to {summary['run_dir']}")
         if "report" in summary:
             print(f"report written to {summary['report']}")
     return 0
@@ -136,16 +142,16 @@ def image_options(args) -> dict:
     """The folder and CSV flags as settings (None where not given, so other datasets can refuse them)."""
     return {
         "image_size": args.image_size, "resize": args.resize, "color": args.color, "test_fraction": args.test_fraction,
-        "cache_dir": args.cache_dir, "no_cache": args.no_cache or None,
+        "cache_dir": args.cache_dir, "no_cache": args.no_cache or None, "max_pixels": args.max_pixels,
     }
 
 
 def cmd_evaluate(args) -> int:
-    from .run import eval_data, evaluate_model
+    from .run import evaluate_model, read_eval_data
     from .train import resolve_device
 
-    model, meta, checkpoint, data_dir = open_model(args)
-    data = eval_data(meta, args.split, data_dir, checkpoint, download=not args.no_download)
+    model, meta, checkpoint = open_model(args)
+    data = read_eval_data(meta, args.split, checkpoint, args.data_dir, download=not args.no_download)
     result = evaluate_model(model, meta, data, resolve_device(args.device))
     result = {"model": str(checkpoint), "dataset": meta["dataset"], "split": args.split, **result}
     if args.json:
@@ -161,6 +167,10 @@ CONFUSION_PRINTED = 30
 
 def print_evaluation(result: dict, classes: list[str]) -> None:
     print(f"{result['dataset']} {result['split']}: {result['n']} images, loss {result['loss']:.4f}, accuracy {result['accuracy']:.4f}")
+    print(f"calibration: expected calibration error {result['ece']:.4f} (temperature {result['temperature']:.3f})")
+    if "rejected" in result:
+        rest = "none left" if result["accepted_accuracy"] is None else f"accuracy {result['accepted_accuracy']:.4f} on the rest"
+        print(f"rejected as unlike the training images: {result['rejected']:.2%} ({rest})")
     width = max(len(c) for c in classes)
     print(f"\n{'class':<{width}}    recall  precision        f1")
     for c in classes:
@@ -180,19 +190,24 @@ def cmd_predict(args) -> int:
     from .files import refuse_existing
     from .predict import predict_file, predict_images
     from .preprocess import find_image_files
-    from .run import eval_data
+    from .run import read_eval_data
 
     if not args.files and args.index is None:
         raise UsageError("give image FILEs or folders, or --index N to predict dataset samples")
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UsageError(f"--max-pixels must be at least 1, got {args.max_pixels}")
     if args.csv:
         refuse_existing(args.csv, args.overwrite, "--csv file")
-    model, meta, checkpoint, data_dir = open_model(args)
+    model, meta, checkpoint = open_model(args)
+    if model.novelty is None:
+        log(f"{checkpoint} has no novelty score (trained before image-logreg could tell): nothing is rejected")
     results, errors = [], []
+    answers = []  # --json: each prediction and each bad file's error, in order
 
     if args.index is not None:
-        data = eval_data(meta, args.split, data_dir, checkpoint, download=not args.no_download)
+        data = read_eval_data(meta, args.split, checkpoint, args.data_dir, download=not args.no_download)
         bad = [i for i in args.index if not 0 <= i < len(data)]
         if bad:
             raise UsageError(f"--index {bad[0]} is out of range: the {args.split} set has {len(data)} images (0..{len(data) - 1})")
@@ -201,6 +216,7 @@ def cmd_predict(args) -> int:
         for p, i in zip(preds, args.index):
             p["true_label"] = data.classes[int(data.labels[i])]
         results += preds
+        answers += preds
 
     if args.files:
         paths = find_image_files(args.files)
@@ -208,11 +224,14 @@ def cmd_predict(args) -> int:
             raise UsageError(f"no image files (PNG, JPEG, GIF, BMP, WebP, TIFF) found in {', '.join(args.files)}")
         for n, path in enumerate(paths):
             try:
-                result, image = predict_file(model, meta, path, args.top_k, normalize=not args.no_normalize)
+                result, image = predict_file(model, meta, path, args.top_k, normalize=not args.no_normalize,
+                                             max_pixels=args.max_pixels)
             except ImageLogregError as exc:
                 fail(str(exc), 2)  # one line per bad file; the others are still predicted
                 errors.append({"source": str(path), "error": str(exc)})
+                answers.append(errors[-1])
                 continue
+            answers.append(result)
             results.append(result)
             if args.save_preprocessed:
                 results[-1]["preprocessed"] = str(save_preprocessed(image, args.save_preprocessed, n, path, args.overwrite))
@@ -220,13 +239,17 @@ def cmd_predict(args) -> int:
     if args.csv:
         write_predictions_csv(args.csv, results, errors)
     if args.json:
-        emit_json(results)
+        emit_json(answers)
     else:
         for r in results:
             ranked = ", ".join(f"{t['label']} {t['probability']:.3f}" for t in r["top_k"])
             truth = f" (true: {r['true_label']})" if "true_label" in r else ""
-            print(f"{r['source']}: {r['label']}{truth}   [{ranked}]")
+            answer = NOT_RECOGNISED if r.get("rejected") else r["label"]
+            print(f"{r['source']}: {answer}{truth}   [{ranked}]")
     return 2 if errors else 0
+
+
+NOT_RECOGNISED = "not recognised (looks unlike the training images)"
 
 
 def save_preprocessed(image, folder, n: int, source: Path, overwrite: bool) -> Path:
@@ -251,11 +274,14 @@ def write_predictions_csv(path, results: list[dict], errors: list[dict]) -> None
             "probability": round(r["top_k"][0]["probability"], 6),
             "top_k": "; ".join(f"{t['label']}={t['probability']:.6f}" for t in r["top_k"]),
             "true_label": r.get("true_label", ""),
+            "rejected": r.get("rejected", ""),
+            "ood_score": round(r["ood_score"], 6) if "ood_score" in r else "",
             "error": "",
         }
         for r in results
     ]
-    rows += [{"source": e["source"], "label": "", "probability": "", "top_k": "", "true_label": "", "error": e["error"]} for e in errors]
+    rows += [{"source": e["source"], "label": "", "probability": "", "top_k": "", "true_label": "", "rejected": "", "ood_score": "",
+              "error": e["error"]} for e in errors]
     write_csv(path, rows)
 
 
@@ -352,21 +378,22 @@ def cmd_serve(args) -> int:
 
     serve(
         args.models, host=args.host, port=args.port, token_file=args.token_file, no_auth=args.no_auth,
-        cors_origins=args.cors_origin, max_body=args.max_body, max_images=args.max_images,
+        cors_origins=args.cors_origin, max_body=args.max_body, max_images=args.max_images, max_pixels=args.max_pixels,
         dataset=args.dataset, device=args.device, http=args.http,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout, keep_alive=args.keep_alive,
+        max_connections=args.max_connections, max_buffered=args.max_buffered,
     )
     return 0
 
 
 def open_model(args):
-    """Load ``args.model``; return (model, metadata, checkpoint path, data dir to use)."""
+    """Load ``args.model``; return (model, metadata, checkpoint path)."""
     from .checkpoint import load_model, resolve_checkpoint
-    from .run import data_dir_for
     from .train import resolve_device
 
     checkpoint = resolve_checkpoint(args.model)
     model, meta = load_model(checkpoint, dataset=args.dataset, device=resolve_device(args.device))
-    return model, meta, checkpoint, data_dir_for(checkpoint, args.data_dir)
+    return model, meta, checkpoint
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -375,8 +402,8 @@ def open_model(args):
 def build_parser() -> argparse.ArgumentParser:
     # plain data only: building the parser must not import torch (--version, --help answer at once)
     from .settings import (
-        DATA_DEFAULTS, DATASET_NAMES, DEFAULT_EPOCHS, DEFAULT_LR, MIN_DEFAULT_STEPS, OPTIMIZERS, PRESETS, SCHEDULES,
-        TrainConfig, default_data_dir,
+        CLASS_WEIGHTS, DATA_DEFAULTS, DATASET_NAMES, DEFAULT_EPOCHS, DEFAULT_LR, MAX_PIXELS, MIN_DEFAULT_STEPS, OPTIMIZERS,
+        PRESETS, SCHEDULES, TrainConfig, default_data_dir,
     )
     from .sources.images import COLORS, RESIZE_MODES
 
@@ -410,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share of each class held out as the test split when there are no train/ and test/ (default: 0.2)")
         g.add_argument("--cache-dir", default=None, help="where decoded images are cached (default: $XDG_CACHE_HOME/image-logreg)")
         g.add_argument("--no-cache", action="store_true", help="decode every file, read and write no cache")
+        max_pixels_flag(g)
+
+    def max_pixels_flag(p):
+        p.add_argument("--max-pixels", type=int, default=None, metavar="N",
+                       help=f"refuse images of more than N pixels, unread (default: {MAX_PIXELS:,})")
 
     def run_flags(p):
         """What train and sweep share: how long, from which seed, on what inputs and device."""
@@ -453,6 +485,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance", type=float, default=defaults.tolerance,
         help="L-BFGS stops once no gradient entry exceeds this (default: %(default)s)",
     )
+    p.add_argument(
+        "--keep-best", action=argparse.BooleanOptionalAction, default=None,
+        help="end with the weights of the epoch of least validation loss (default: on, when there is a validation set)",
+    )
+    p.add_argument(
+        "--patience", type=int, default=None, metavar="EPOCHS",
+        help="with --keep-best, stop once the validation loss has not improved for this many epochs "
+             "(default: a tenth of the epochs, at least 10; 0: never stop early)",
+    )
+    p.add_argument(
+        "--keep", type=float, default=None, metavar="SHARE",
+        help=f"the novelty threshold accepts this share of validation images; others are rejected as unlike the "
+             f"training images (default: {defaults.keep})",
+    )
+    p.add_argument("--no-calibrate", action="store_true", help="no temperature: the softmax probabilities as they come")
+    p.add_argument(
+        "--class-weight", choices=CLASS_WEIGHTS, default=None,
+        help="balanced: weigh each class's images by n / (classes x its count), for imbalanced folders (default: none)",
+    )
     run_flags(p)
     p.add_argument("--out", default=None, help="run directory to create (default: runs/<timestamp>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
@@ -492,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="also write the predictions (and any unreadable files) to a CSV file")
     p.add_argument("--save-preprocessed", metavar="DIR", help="write the image the model saw for each file into DIR (PNG)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file or preprocessed images")
+    max_pixels_flag(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("show", help="write a labelled grid of dataset samples")
@@ -558,9 +610,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES", help="largest request body (default: 8 MiB)")
     p.add_argument("--max-images", type=int, default=None, metavar="N", help="most images per request (default: 1024)")
+    max_pixels_flag(p)
     p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None, help="what a tutorial state_dict was trained on")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: %(default)s)")
     p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
                    help="HTTP/1.1 parser (default: %(default)s, httptools where installed)")
+    g = p.add_argument_group("slow and idle clients")
+    g.add_argument("--header-timeout", type=float, default=None, metavar="SECONDS",
+                   help="close a connection whose request headers are not all in by then (default: 10)")
+    g.add_argument("--body-timeout", type=float, default=None, metavar="SECONDS",
+                   help="answer 408 to a request whose body is not all in by then (default: 60)")
+    g.add_argument("--keep-alive", type=float, default=None, metavar="SECONDS",
+                   help="close a connection idle this long between requests (default: 5)")
+    g.add_argument("--max-connections", type=int, default=None, metavar="N",
+                   help="answer 503 on connections past N open at once (default: 1000)")
+    g.add_argument("--max-buffered", type=int, default=None, metavar="BYTES",
+                   help="answer 503 to bodies past BYTES held by all requests at once (default: 128 MiB)")
     p.set_defaults(func=cmd_serve)
     return parser

@@ -41,6 +41,7 @@ class ExportedModel(nn.Module):
     def __init__(self, model: LogisticRegression, preprocessing: dict | None):
         super().__init__()
         self.model = model
+        self.temperature = float(model.temperature)  # calibrated probabilities, as predict gives them
         self.deskew = bool(preprocessing and preprocessing.get("deskew"))
         if self.deskew and len(model.input_shape) != 2:
             raise CheckpointError(f"deskewing needs H x W images, but the model takes {list(model.input_shape)}")
@@ -53,7 +54,7 @@ class ExportedModel(nn.Module):
             x = deskew_float(images.double()).round().clamp(0, 255).float()
         else:
             x = images.float()
-        return F.softmax(self.model(x / 255.0), dim=1)
+        return F.softmax(self.model(x / 255.0) / self.temperature, dim=1)
 
 
 def export_model(model: LogisticRegression, meta: dict, path: str | os.PathLike, format: str = "onnx") -> Path:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from datetime import datetime
@@ -110,12 +112,14 @@ def staged_dir(final: str | os.PathLike, overwrite: bool = False):
     """Build a directory under a temporary name; it appears at ``final`` only when complete.
 
     An interrupted or failed run leaves nothing behind, and an existing directory is replaced
-    only with ``overwrite`` and only once the new one is whole.
+    only with ``overwrite`` and only once the new one is whole. A run killed outright leaves its
+    ``.NAME.*.partial``; the next one to ``final`` removes it (see ``remove_stale_partials``).
     """
     final = Path(final)
     refuse_existing(final, overwrite, "--out directory")
     final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    remove_stale_partials(final)
+    stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_maker()}.", suffix=".partial", dir=final.parent))
     os.chmod(stage, 0o777 & ~_UMASK)
     try:
         yield stage
@@ -130,3 +134,75 @@ def staged_dir(final: str | os.PathLike, overwrite: bool = False):
     finally:
         if stage.exists():
             shutil.rmtree(stage)
+
+
+# --- partial directories of killed runs -------------------------------------------------------
+# A partial directory's name says who made it: ``.NAME.<host>-<pid>-<start>.<random>.partial``,
+# ``host`` a hash of the machine's name (an --out on a shared disk may be written from several),
+# ``start`` the process's start time in clock ticks since boot (Linux; 0 elsewhere), so that a
+# later process given the same pid is not mistaken for its maker.
+
+
+def _maker(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{_host()}-{pid}-{_start_time(pid) or 0}"
+
+
+def _host() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (``/proc/<pid>/stat`` field 22); None when it has ended or is a zombie,
+    or where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()  # the name before ")" may hold spaces
+    except (OSError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+def remove_stale_partials(final: str | os.PathLike) -> list[Path]:
+    """Remove the partial directories for ``final`` that this user's killed runs left, and list them.
+
+    Only those whose name says they were made on this machine, by a process that is gone (no
+    process of that pid, or one started at another time), and that this user owns: a partial
+    of a run still going, of another user, or of an older naming is left alone.
+    """
+    final = Path(final)
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\w{{8}})-(\d+)-(\d+)\.\w+\.partial")
+    removed = []
+    for path in final.parent.glob(f".{glob.escape(final.name)}.*.partial"):
+        made = pattern.fullmatch(path.name)
+        if made and made[1] == _host() and _is_own(path) and not _alive(int(made[2]), int(made[3])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _is_own(path: Path) -> bool:
+    try:
+        owner = path.lstat().st_uid
+    except OSError:
+        return False
+    return path.is_dir() and not path.is_symlink() and (not hasattr(os, "getuid") or owner == os.getuid())
+
+
+def _alive(pid: int, start: int) -> bool:
+    if Path("/proc/self/stat").exists():
+        return _start_time(pid) == start
+    if os.name != "posix":
+        return True  # no safe way to ask here: keep it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

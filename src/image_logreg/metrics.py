@@ -68,3 +68,39 @@ def scores_of_logits(logits: torch.Tensor, y: torch.Tensor, classes: list[str]) 
         "f1": dict(zip(classes, scores["f1"])),
         "confusion": cm.tolist(),
     }
+
+
+@torch.no_grad()
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Expected calibration error of the top-class probability, with its per-bin breakdown.
+
+    Confidences (each row's largest probability) fall into ``bins`` equal-width bins
+    ``(lo, hi]``; ECE = sum over bins of |accuracy - mean confidence| * (fraction of samples).
+    Empty bins get ``None`` for confidence and accuracy and contribute nothing.
+    """
+    if probs.ndim != 2 or len(probs) == 0 or len(probs) != len(labels):
+        raise ValueError(f"need N x C probabilities and N labels, got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    if bins < 1:
+        raise ValueError(f"bins must be at least 1, got {bins}")
+    # float64: sums over tens of thousands of samples, and the edges compared exactly as written
+    confidence, predicted = probs.detach().cpu().double().max(dim=1)
+    correct = (predicted == labels.detach().cpu().long()).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    index = torch.bucketize(confidence, edges[1:-1])  # bin i holds edges[i] < c <= edges[i + 1]
+    count = torch.bincount(index, minlength=bins)
+    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
+    mean_conf, mean_acc = conf_sum / count.clamp(min=1), acc_sum / count.clamp(min=1)
+    ece = ((mean_acc - mean_conf).abs() * count / len(probs)).sum().item()
+    empty = lambda values: [None if n == 0 else v for v, n in zip(values.tolist(), count.tolist())]
+    return {
+        "ece": ece,
+        "n": len(probs),
+        "bins": bins,
+        "edges": edges.tolist(),
+        "confidence": empty(mean_conf),
+        "accuracy": empty(mean_acc),
+        "count": count.tolist(),
+        "mean_confidence": confidence.mean().item(),
+        "overall_accuracy": correct.mean().item(),
+    }

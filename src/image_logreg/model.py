@@ -14,7 +14,14 @@ class LogisticRegression(nn.Module):
 
     Parameter names (``linear.weight``, ``linear.bias``) match the tutorial's ``MnistModel``,
     so its saved ``state_dict`` loads as is.
+
+    After training (``confidence``), ``temperature`` divides the logits before every softmax that
+    leaves the model, and ``novelty`` (when fitted) scores how unlike the training images an
+    input is: ``novelty_scores`` and ``rejects``.
     """
+
+    temperature: float = 1.0
+    novelty = None  # a confidence.Novelty, or None: nothing is rejected
 
     def __init__(self, input_shape: tuple[int, ...] = (28, 28), num_classes: int = 10):
         super().__init__()
@@ -30,7 +37,21 @@ class LogisticRegression(nn.Module):
         # served over HTTP that machinery costs as much as the arithmetic
         linear = self.linear
         with torch.no_grad():
-            return F.softmax(F.linear(x.reshape(x.shape[0], -1), linear.weight, linear.bias), dim=1)
+            logits = F.linear(x.reshape(x.shape[0], -1), linear.weight, linear.bias)
+            return F.softmax(logits if self.temperature == 1.0 else logits / self.temperature, dim=1)
+
+    @torch.no_grad()
+    def novelty_scores(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor | None:
+        """How unlike the training images each input is (None without a fitted novelty score)."""
+        if self.novelty is None:
+            return None
+        if logits is None:
+            logits = F.linear(x.reshape(x.shape[0], -1), self.linear.weight, self.linear.bias)
+        return self.novelty.score(x, logits)
+
+    def rejects(self, scores: torch.Tensor | None) -> torch.Tensor | None:
+        """Which of ``novelty_scores``' inputs are too unlike the training images to answer for."""
+        return None if scores is None else self.novelty.rejects(scores)
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -56,20 +56,34 @@ def template_rgb(weights, limit: float):
     return np.clip(0.5 + values / (2 * limit), 0.0, 1.0).transpose(0, 2, 3, 1)
 
 
-def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Accuracy and loss per epoch, training and validation (when there was one) side by side."""
+MARKED_EPOCHS = 40  # past this many epochs, markers would merge into a band: lines alone
+
+
+def plot_curves(history: list[dict], path: str | os.PathLike, title: str = "", kept_epoch: int | None = None) -> Path:
+    """Accuracy and loss per epoch, training and validation (when there was one) side by side.
+
+    A long run's curves are plain lines, its loss on a log scale when it spans more than a factor
+    of 20 (a small set's training loss falls by orders of magnitude while the validation loss
+    turns back up); ``kept_epoch``, when an earlier epoch's weights were kept, is marked.
+    """
     epochs = [h["epoch"] for h in history]
     validated = all("val_loss" in h for h in history)
+    marked = len(epochs) <= MARKED_EPOCHS
     fig, (ax_acc, ax_loss) = subplots(1, 2, figsize=(10, 4))
     for ax, metric, label in ((ax_acc, "accuracy", "Accuracy"), (ax_loss, "loss", "Cross-entropy loss")):
-        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="training")
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-" if marked else "-", label="training")
         if validated:
-            ax.plot(epochs, [h[f"val_{metric}"] for h in history], "s-", label="validation")
+            ax.plot(epochs, [h[f"val_{metric}"] for h in history], "s-" if marked else "-", label="validation")
+        if kept_epoch and kept_epoch != epochs[-1]:
+            ax.axvline(kept_epoch, color="gray", linestyle="--", linewidth=1, label=f"kept (epoch {kept_epoch})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.set_title(f"{label} vs. epochs")
         ax.grid(alpha=0.3)
         ax.legend()
+    losses = [h[k] for h in history for k in ("train_loss", "val_loss") if k in h]
+    if min(losses) > 0 and max(losses) / min(losses) > 20:
+        ax_loss.set_yscale("log")
     if len(epochs) < 15:
         for ax in (ax_acc, ax_loss):
             ax.set_xticks(epochs)

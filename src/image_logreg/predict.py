@@ -23,46 +23,65 @@ def _ranked(proba: torch.Tensor, classes: list[str], k: int) -> list[list[dict]]
 
 
 def predict_file(
-    model, meta: dict, source, k: int = 3, normalize: bool = True, name: str | None = None
+    model, meta: dict, source, k: int = 3, normalize: bool = True, name: str | None = None, max_pixels: int | None = None
 ) -> tuple[dict, np.ndarray]:
     """One image file (a path, or uploaded bytes called ``name``): its ``{source, label, top_k}``
     and the uint8 image the model was given. The command line, the HTTP API and the page
-    all predict files through here, so they answer alike.
+    all predict files through here, so they answer alike. ``max_pixels``: see ``prepare_file``.
     """
-    image = prepare_file(model, meta, source, normalize, name)
+    image = prepare_file(model, meta, source, normalize, name, max_pixels)
     result = predict_images(model, torch.from_numpy(image)[None], meta, [name or str(source)], k)[0]
     return result, image
 
 
-def prepare_file(model, meta: dict, source, normalize: bool = True, name: str | None = None) -> np.ndarray:
+def prepare_file(
+    model, meta: dict, source, normalize: bool = True, name: str | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """A file as the model's dataset made its images, as its recorded preprocessing says.
 
     A digit-style model (MNIST and its kin) gets the file normalised as an MNIST digit
     (``normalize=False``: only made gray and resized); a model of a folder, a CSV or CIFAR
     gets it decoded as its dataset's own files were: the recorded size, resize mode and
     colour (uint8 H x W, or 3 x H x W). ``normalize`` has no say there: nothing is centred.
+    A file of more than ``max_pixels`` (None: ``preprocess.MAX_PIXELS``) is refused unread.
     """
+    from .preprocess import MAX_PIXELS
+
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     decode = decode_settings_of(meta.get("preprocessing"))
     if decode is not None:
         from .sources.images import DecodeSettings, read_image
 
-        settings = DecodeSettings(tuple(decode["image_size"]), decode["resize"], decode["color"])
+        settings = DecodeSettings(tuple(decode["image_size"]), decode["resize"], decode["color"], max_pixels)
         return read_image(source, settings, name=name)
     from .preprocess import prepare_image
 
-    return prepare_image(source, normalize=normalize, size=tuple(model.input_shape), name=name)
+    return prepare_image(source, normalize=normalize, size=tuple(model.input_shape), name=name, max_pixels=max_pixels)
 
 
 def predict_images(
     model, images_uint8: torch.Tensor, meta: dict, sources: list[str], k: int = 3
 ) -> list[dict]:
-    """Predictions for uint8 images (N x H x W, or N x 3 x H x W), one ``{source, label, top_k}`` dict each.
+    """Predictions for uint8 images (N x H x W, or N x 3 x H x W), one ``{source, label, top_k}`` dict each,
+    with ``rejected`` and ``ood_score`` where the model has a novelty score (``confidence``).
 
     ``meta`` is the checkpoint's metadata: its class names and recorded preprocessing.
     """
     x = prepare_inputs(images_uint8, meta.get("preprocessing"), model.device)  # on the model's device
     ranked = _ranked(model.predict_proba(x).cpu(), meta["classes"], k)
-    return [{"source": s, "label": r[0]["label"], "top_k": r} for s, r in zip(sources, ranked)]
+    results = [{"source": s, "label": r[0]["label"], "top_k": r} for s, r in zip(sources, ranked)]
+    add_novelty(model, x, results)
+    return results
+
+
+def add_novelty(model, x: torch.Tensor, results: list[dict]) -> None:
+    """``rejected`` and ``ood_score`` in each result, where the model can tell (old checkpoints cannot)."""
+    scores = model.novelty_scores(x)
+    if scores is None:
+        return
+    for result, score, rejected in zip(results, scores.tolist(), model.rejects(scores).tolist()):
+        result["rejected"] = rejected
+        result["ood_score"] = score
 
 
 @torch.no_grad()
@@ -84,7 +103,9 @@ def explain(model: LogisticRegression, images_uint8: torch.Tensor, meta: dict) -
     if x.dim() == 4:  # N x C x H x W colour
         evidence, seen = evidence.sum(dim=1), seen.permute(0, 2, 3, 1)
     bias = model.linear.bias.detach().cpu()[top]
-    return [
+    explained = [
         {"probabilities": p.tolist(), "seen": s.tolist(), "evidence": e.tolist(), "bias": float(b)}
         for p, s, e, b in zip(proba, seen, evidence, bias)
     ]
+    add_novelty(model, x, explained)
+    return explained

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from image_logreg.errors import ImageError, ImageTooLargeError
+from image_logreg.settings import MAX_PIXELS
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 # Pillow's decoders for those suffixes (JPEG also opens phones' MPO files). Other
@@ -41,6 +42,14 @@ _FAINT = 0.15
 _MAX_FAINT = 0.4
 # Where a stroke's edge is, in rescaled ink strength: the crop follows it.
 _STROKE_EDGE = 0.5
+
+# Images whose shorter side is at least twice this are decoded (JPEG, by its decoder's 1/2, 1/4,
+# 1/8 scaling) or averaged down (other formats) by a whole factor, to no less than this. A digit
+# filling a tenth of such a frame still spans about 100 pixels, five times the 20-pixel box it is
+# fitted into, while normalising costs a few megabytes rather than a few hundred.
+WORKING_SIDE = 1024
+# Modes Pillow's ``reduce`` averages correctly (it premultiplies alpha; palette indices it would average).
+_REDUCIBLE = frozenset({"L", "LA", "RGB", "RGBA", "I", "F"})
 
 PREPROCESSING = {
     "name": "mnist-normalize",
@@ -85,22 +94,27 @@ def _images_in_folder(folder: Path) -> list[Path]:
     ]
 
 
-def read_grayscale(source: str | Path | bytes, name: str | None = None) -> np.ndarray:
+def read_grayscale(
+    source: str | Path | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS, working_side: int | None = None
+) -> np.ndarray:
     """An image as float32 H x W in [0, 1], 1 = white; transparency is shown over white.
 
     ``source`` is a file path, or the file's bytes as uploaded (then ``name`` is what
-    errors call it). Both go through the same decoder and the same checks.
+    errors call it). Both go through the same decoder and the same checks. An image of more
+    than ``max_pixels`` is refused (ImageTooLargeError) before it is decoded; with
+    ``working_side``, a much larger image comes back reduced (see ``WORKING_SIDE``).
     """
-    return _read(source, name, _to_gray_array)
+    return _read(source, name, _to_gray_array, max_pixels, working_side)
 
 
-def _read(source: str | Path | bytes, name: str | None, convert):
+def _read(source: str | Path | bytes, name: str | None, convert, max_pixels: int, working_side: int | None):
     """``convert(image)`` of the decoded, upright image; errors name the file."""
+    budget = (max_pixels, working_side)
     if isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "upload"
         if len(source) == 0:
             raise ImageError(f"{label}: empty file")
-        return _decode(lambda: io.BytesIO(source), label, convert)
+        return _decode(lambda: io.BytesIO(source), label, convert, *budget)
     path = Path(source)
     try:
         if path.stat().st_size == 0:
@@ -109,7 +123,20 @@ def _read(source: str | Path | bytes, name: str | None, convert):
         raise ImageError(f"{path}: no such file") from None
     except PermissionError:
         raise ImageError(f"{path}: permission denied") from None
-    return _decode(lambda: path, str(path), convert)
+    return _decode(lambda: path, str(path), convert, *budget)
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
+    """Refuse an image of ``size`` (width, height) with more than ``max_pixels``, before decoding it."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(too_many_pixels(label, size, max_pixels))
+
+
+def too_many_pixels(label: str, size: tuple[int, int], max_pixels: int) -> str:
+    width, height = size
+    return (f"{label}: image too large ({width}x{height}, {width * height:,} pixels; "
+            f"the limit is {max_pixels:,}, see --max-pixels), refusing to decode")
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
@@ -170,7 +197,7 @@ def _plain_gray_png(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
     return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(size)
 
 
-def _decode(open_source, label: str, convert):
+def _decode(open_source, label: str, convert, max_pixels: int = MAX_PIXELS, working_side: int | None = None):
     try:
         # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an image that
         # big from a user is an attack or a mistake either way. Its other warnings (corrupt
@@ -179,9 +206,12 @@ def _decode(open_source, label: str, convert):
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(open_source(), formats=_FORMATS) as image:
+                check_pixels(image.size, max_pixels, label)
+                if working_side:
+                    _draft(image, working_side)
                 image.load()  # decode now, so a truncated file fails here and not later
                 _upright(image)
-                return convert(image)
+                return convert(_reduced(image, working_side) if working_side else image)
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -196,6 +226,25 @@ def _decode(open_source, label: str, convert):
         raise ImageError(f"{label}: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as error:
         raise ImageError(f"{label}: truncated or corrupt image ({_one_line(error)})") from None
+
+
+def _draft(image: Image.Image, working_side: int) -> None:
+    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale while its shorter side stays at least
+    ``working_side``: a fraction of the time and memory, and a lying header costs nothing."""
+    if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * working_side:
+        image.draft(image.mode, (working_side, working_side))
+
+
+def _reduced(image: Image.Image, working_side: int) -> Image.Image:
+    """``image`` averaged down by a whole factor while its shorter side stays at least ``working_side``."""
+    factor = min(image.size) // working_side
+    if factor < 2:
+        return image
+    if image.mode not in _REDUCIBLE:
+        if image.mode.startswith("I;16"):  # no 16-bit reduce, and 32-bit would change its scaling
+            return image
+        image = image.convert("L" if image.mode == "1" else "RGBA" if image.has_transparency_data else "RGB")
+    return image.reduce(factor)
 
 
 # Where Pillow finds an orientation in a PNG: EXIF (eXIf, or ImageMagick's text chunk) or XMP.
@@ -250,7 +299,7 @@ def normalize_digit(gray: np.ndarray, size: tuple[int, int] = (28, 28), box: int
     if _already_dataset_form(gray, size):
         return _to_uint8(gray)
     ink = _crop_to_ink(_ink_on_black(gray))
-    return _to_uint8(_centre_by_mass(_fit_in_box(ink, box), size))
+    return _to_uint8(_centre_by_mass(_fit_in_box(ink, box, least=MIN_GLYPH * min(gray.shape)), size))
 
 
 def _already_dataset_form(gray: np.ndarray, size: tuple[int, int], dark: float = _DARK) -> bool:
@@ -397,10 +446,17 @@ def _crop_to_ink(ink: np.ndarray) -> np.ndarray:
     return ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
-def _fit_in_box(ink: np.ndarray, box: int) -> np.ndarray:
-    """Scale so the longer side is `box` pixels, keeping the aspect ratio (a '1' stays thin)."""
+# A glyph whose longer side is under this share of the page's shorter side is scaled as if it
+# were this long: a dot or a short tick stays small instead of filling the box as a bold blob
+# (which the model would read as a confident 0 or 8), and the novelty score sees it for what it is.
+MIN_GLYPH = 0.25
+
+
+def _fit_in_box(ink: np.ndarray, box: int, least: float = 0.0) -> np.ndarray:
+    """Scale so the longer side is `box` pixels, keeping the aspect ratio (a '1' stays thin); a glyph
+    shorter than `least` pixels is scaled as one `least` long would be."""
     h, w = ink.shape
-    scale = box / max(h, w)
+    scale = box / max(h, w, least)
     new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
     resized = Image.fromarray(ink.astype(np.float32)).resize((new_w, new_h), Image.Resampling.LANCZOS)
     return np.clip(np.asarray(resized), 0.0, 1.0)  # LANCZOS rings a little below 0 and above 1
@@ -441,18 +497,24 @@ def digit_box(size: tuple[int, int]) -> int:
 
 
 def prepare_image(
-    source: str | Path | bytes, normalize: bool = True, size: tuple[int, int] = (28, 28), name: str | None = None
+    source: str | Path | bytes,
+    normalize: bool = True,
+    size: tuple[int, int] = (28, 28),
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
     """An image file (path, or uploaded bytes called ``name``) as a uint8 ``size`` digit for the model.
 
-    The command line, the HTTP API and the web page all come through here. ImageError names the file.
+    The command line, the HTTP API and the web page all come through here. ImageError names the
+    file; ImageTooLargeError, raised before decoding, an image of more than ``max_pixels``.
     """
-    if not normalize:
-        return _resize_gray(read_grayscale(source, name), size)  # its errors already name the file
+    working_side = max(WORKING_SIDE, 8 * max(size))
+    if not normalize:  # its errors already name the file
+        return _resize_gray(read_grayscale(source, name, max_pixels, working_side), size)
     size = tuple(size)
     pixels = _plain_gray_png(source, size) if isinstance(source, bytes) else None
     if pixels is None:
-        gray = _read(source, name, functools.partial(_digit_input, size=size))
+        gray = _read(source, name, functools.partial(_digit_input, size=size), max_pixels, working_side)
     else:
         gray = _gray_digit_input(pixels, size)
     if gray.dtype == np.uint8:

@@ -22,9 +22,9 @@ from .checkpoint import CHECKPOINT_NAME, load_model
 from .data import prepare_inputs
 from .errors import CheckpointError
 from .files import read_json, refuse_existing, write_text
-from .metrics import logits_of, per_class_scores, scores_of_logits
+from .metrics import expected_calibration_error, logits_of, per_class_scores, scores_of_logits  # noqa: F401  (importable from here too)
 from .plots import WEIGHT_CMAP, colormaps, plot_curves, plot_grid, save_figure, subplots, template_rgb, weight_templates
-from .run import data_dir_for, eval_data
+from .run import read_eval_data
 
 REPORT_NAME = "report.html"
 FIGURES = {
@@ -57,8 +57,7 @@ def make_report(run_dir, data_dir=None, *, overwrite: bool = True, seed: int = 0
     if not isinstance(history, list) or not history or not isinstance(config, dict):
         raise CheckpointError(f"{run}: history.json holds no epochs, or config.json no settings")
     model, meta = load_model(run, device="cpu")
-    data_dir = data_dir_for(run / CHECKPOINT_NAME, data_dir)
-    test = eval_data(meta, "test", data_dir, run / CHECKPOINT_NAME, download=download)
+    test = read_eval_data(meta, "test", run / CHECKPOINT_NAME, data_dir, download=download)
     classes = meta["classes"]
 
     logits = logits_of(model, prepare_inputs(test.images, meta.get("preprocessing"), "cpu"))
@@ -69,7 +68,7 @@ def make_report(run_dir, data_dir=None, *, overwrite: bool = True, seed: int = 0
 
     curves = run / "curves.png"
     if not curves.is_file():  # older or hand-pruned runs: the history has everything needed
-        plot_curves(history, curves, title=f"{meta['dataset']} — logistic regression")
+        plot_curves(history, curves, title=f"{meta['dataset']} — logistic regression", kept_epoch=meta.get("kept_epoch"))
     figures = {
         "curves": curves,
         "weights": plot_weights(model, classes, run / FIGURES["weights"]),
@@ -112,41 +111,6 @@ def _read_json(path: Path):
 
 
 # --- calibration ------------------------------------------------------------------------------
-
-
-def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> dict:
-    """Expected calibration error of the top-class probability, with its per-bin breakdown.
-
-    Confidences (each row's largest probability) fall into ``bins`` equal-width bins
-    ``(lo, hi]``; ECE = sum over bins of |accuracy - mean confidence| * (fraction of samples).
-    Empty bins get ``None`` for confidence and accuracy and contribute nothing.
-    """
-    if probs.ndim != 2 or len(probs) == 0 or len(probs) != len(labels):
-        raise ValueError(f"need N x C probabilities and N labels, got {tuple(probs.shape)} and {tuple(labels.shape)}")
-    if bins < 1:
-        raise ValueError(f"bins must be at least 1, got {bins}")
-    # float64: sums over tens of thousands of samples, and the edges compared exactly as written
-    confidence, predicted = probs.detach().cpu().double().max(dim=1)
-    correct = (predicted == labels.detach().cpu().long()).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    index = torch.bucketize(confidence, edges[1:-1])  # bin i holds edges[i] < c <= edges[i + 1]
-    count = torch.bincount(index, minlength=bins)
-    conf_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, confidence)
-    acc_sum = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, correct)
-    mean_conf, mean_acc = conf_sum / count.clamp(min=1), acc_sum / count.clamp(min=1)
-    ece = ((mean_acc - mean_conf).abs() * count / len(probs)).sum().item()
-    empty = lambda values: [None if n == 0 else v for v, n in zip(values.tolist(), count.tolist())]
-    return {
-        "ece": ece,
-        "n": len(probs),
-        "bins": bins,
-        "edges": edges.tolist(),
-        "confidence": empty(mean_conf),
-        "accuracy": empty(mean_acc),
-        "count": count.tolist(),
-        "mean_confidence": confidence.mean().item(),
-        "overall_accuracy": correct.mean().item(),
-    }
 
 
 def calibration_reading(cal: dict) -> str:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,7 +26,8 @@ from .data import ImageSet, check_val_fraction, load_split, prepare_inputs, prep
 from .distributed import Group, session
 from .errors import DataError, UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
-from .metrics import evaluate
+from .confidence import calibrate
+from .metrics import confusion_matrix, expected_calibration_error, logits_of, per_class_scores, scores_of_logits
 from .model import LogisticRegression
 from .settings import CLASSIC_DECODE, DATA_DEFAULTS, DIGIT_STYLE, FOLDER_KINDS, IMAGE_OPTIONS, default_data_dir
 from .stream import StreamedImages, float_bytes, human_bytes, parse_memory
@@ -52,7 +54,7 @@ def check_data_config(config: dict) -> None:
     """Refuse a validation fraction, training subset or dataset option that cannot work, before any work."""
     from . import sources
     from .sources.folder import check_test_fraction
-    from .sources.images import DecodeSettings, parse_image_size
+    from .sources.images import decode_settings
 
     check_val_fraction(config["val_fraction"])
     config["max_memory"] = parse_memory(config.get("max_memory"))
@@ -61,7 +63,7 @@ def check_data_config(config: dict) -> None:
         raise UsageError(f"--train-subset must be at least 1, got {subset}")
     sources.check_options(config["dataset"], dataset_options(config))
     if config["dataset"] in FOLDER_KINDS:
-        DecodeSettings(parse_image_size(config.get("image_size")), config.get("resize") or "fit", config.get("color")).check()
+        decode_settings(config.get("image_size"), config.get("resize"), config.get("color"), config.get("max_pixels"))
         if config.get("test_fraction") is not None:
             check_test_fraction(config["test_fraction"])
     if config.get("deskew") and CLASSIC_DECODE.get(config["dataset"], {}).get("color") == "rgb":
@@ -160,10 +162,11 @@ def train_run(
         group.barrier()  # a rank finishes only once the run is saved: a failure there fails them all
     log = log or _quiet
 
-    final = history[-1]
+    final = history.kept  # the epoch whose weights were kept: its figures are the model's
     summary = {
         "run_dir": str(out),
         "epochs": len(history),
+        **({"kept_epoch": history.kept_epoch} if history.kept_epoch else {}),
         "seconds": seconds,
         **{k: final[k] for k in FINAL_METRICS if k in final},  # no val_* without a validation set
         "history": history,
@@ -231,9 +234,16 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
         seconds = time.perf_counter() - start
         if not group.main:
             return history, seconds
+        say_how_it_ended(history, cfg, log)
+        if len(val_idx):
+            say_recall_if_imbalanced(model, x_val, y[val_idx], y[train_idx], data.classes, log, cfg.class_weight == "balanced")
+        fitted = calibrate(model, x_train, x_val if len(val_idx) else None, y[val_idx], keep=cfg.keep, temperature=cfg.calibrate)
+        log(confidence_line(fitted))
 
-        final = history[-1]
+        final = history.kept
         record = dict(config, device_used=str(device), world_size=group.world_size, **_environment())
+        record.update(epochs_trained=len(history), kept_epoch=history.kept_epoch, stopped_early=history.stopped_early,
+                      temperature=model.temperature, novelty_threshold=model.novelty.threshold)
         write_json(stage / "config.json", record)
         write_json(stage / "split.json", split)
         if config["dataset"] in FOLDER_KINDS:
@@ -249,15 +259,55 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
             "config": {k: config[k] for k in config if k != "data_dir"},
             "metrics": {k: final[k] for k in FINAL_METRICS if k in final},
             "epochs": len(history),
+            "kept_epoch": history.kept_epoch,
             "created": record["created"],
         }
         save_model(stage / CHECKPOINT_NAME, model, metadata)
         from .plots import plot_curves  # matplotlib: only where a figure is drawn
 
-        plot_curves(history, stage / "curves.png", title=f"{config['dataset']} — logistic regression")
+        plot_curves(history, stage / "curves.png", title=f"{config['dataset']} — logistic regression", kept_epoch=history.kept_epoch)
         if board:
             board.finish(model, data.classes, step=len(history))  # closes the event files before the rename
     return history, seconds
+
+
+def confidence_line(fitted: dict) -> str:
+    """What ``calibrate`` fitted, in words."""
+    where = "the validation split" if fitted["held_out"] else "the training images (there is no validation split)"
+    temperature = f"temperature {fitted['temperature']:.3f}, " if "temperature" in fitted else "no temperature (uncalibrated), "
+    return (f"fitted on {where}: {temperature}a novelty threshold that accepts {fitted['keep']:.0%} of such images "
+            "(--keep; --no-calibrate)")
+
+
+def say_how_it_ended(history, cfg: TrainConfig, log) -> None:
+    """A line when training stopped before its planned epochs, and one when it kept an earlier epoch."""
+    if history.stopped_early:
+        log(f"stopped after epoch {len(history)} of {cfg.epochs}: the validation loss has not improved "
+            f"for {cfg.patience_for(cfg.epochs)} epochs (--patience)")
+    if history.kept_epoch and history.kept_epoch != len(history):
+        kept = history.kept
+        log(f"kept the weights of epoch {kept['epoch']}, of least validation loss ({kept['val_loss']:.4f}, "
+            f"accuracy {kept['val_accuracy']:.4f}); --no-keep-best keeps the last")
+
+
+IMBALANCE = 2.0  # the largest class this many times the smallest: per-class recall is worth a line
+
+
+def say_recall_if_imbalanced(model, x_val, y_val, y_train, classes: list[str], log, balanced: bool, shown: int = 10) -> None:
+    """Where the training classes are imbalanced, each class's recall on the validation set (the
+    least first): accuracy alone hides a small class the model gives up on."""
+    counts = torch.bincount(y_train, minlength=len(classes))
+    if counts.min().item() * IMBALANCE > counts.max().item():
+        return
+    cm = confusion_matrix(y_val, logits_of(model, x_val).argmax(1), len(classes))
+    scores = per_class_scores(cm)
+    recall = [r for r in scores["recall"] if r is not None]  # None: no validation image of the class
+    names = [c for c, r in zip(classes, scores["recall"]) if r is not None]
+    worst = sorted(zip(recall, names))[:shown]
+    weighing = "weighed equally" if balanced else "--class-weight balanced weighs them equally"
+    log(f"imbalanced classes ({counts.min().item()} to {counts.max().item()} training images; {weighing}): "
+        f"validation recall " + ", ".join(f"{name} {r:.3f}" for r, name in worst)
+        + (f" (the {shown} lowest of {len(recall)})" if len(recall) > shown else ""))
 
 
 def training_inputs(data: ImageSet, train_idx, val_idx, preprocessing, device, config: dict, cfg: TrainConfig, log=None):
@@ -302,16 +352,61 @@ def data_dir_for(checkpoint: Path, data_dir=None) -> str:
     A folder or CSV run's own path comes before ``$IMAGE_LOGREG_DATA``, which names a folder
     of the classic datasets, not the user's images.
     """
+    return data_source_for(checkpoint, data_dir)[0]
+
+
+RECORDED = "recorded in the run"
+
+
+def data_source_for(checkpoint: Path, data_dir=None) -> tuple[str, str | None]:
+    """``data_dir_for``'s folder, with ``RECORDED`` when it is the one the run recorded (else None)."""
     config = run_config(checkpoint)
     if not data_dir and config.get("dataset") not in FOLDER_KINDS:
         data_dir = os.environ.get("IMAGE_LOGREG_DATA")
-    return data_dir or config.get("data_dir") or default_data_dir()
+    if data_dir:
+        return str(data_dir), None
+    if config.get("data_dir"):
+        return str(config["data_dir"]), RECORDED
+    return default_data_dir(), None
+
+
+def read_eval_data(meta: dict, split: str, checkpoint: Path, data_dir=None, download: bool = True, log=None) -> ImageSet:
+    """``eval_data`` from the folder ``data_source_for`` picks, saying so when it is the run's own.
+
+    That folder may be anywhere, on another disk, or gone: it is read but never downloaded
+    into, as only a folder named on the command line or in ``$IMAGE_LOGREG_DATA`` is.
+    """
+    folder, origin = data_source_for(checkpoint, data_dir)
+    if origin != RECORDED:
+        return eval_data(meta, split, folder, checkpoint, download=download)
+    try:
+        data = eval_data(meta, split, folder, checkpoint, download=False)
+    except DataError as exc:
+        raise DataError(f"{exc} ({folder} is the data folder {RECORDED}, where nothing is downloaded; "
+                        "--data-dir DIR reads another)") from None
+    (log or _to_stderr)(f"reading {split} data from {Path(folder).resolve()} ({RECORDED}; --data-dir to change)")
+    return data
+
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def evaluate_model(model, meta: dict, data: ImageSet, device="cpu") -> dict:
     """``metrics.evaluate`` on ``data``, fed through the model's own recorded preprocessing."""
     x = prepare_inputs(data.images, meta.get("preprocessing"), device)
-    return evaluate(model.to(device), x, data.labels.to(device), data.classes)
+    model, y = model.to(device), data.labels.to(device)
+    logits = logits_of(model, x)
+    calibrated = logits / model.temperature  # the probabilities predict and serve give
+    result = scores_of_logits(calibrated, y, data.classes)
+    result["ece"] = expected_calibration_error(calibrated.softmax(1), y)["ece"]
+    result["temperature"] = model.temperature
+    scores = model.novelty_scores(x, logits)
+    if scores is not None:
+        accepted = ~model.rejects(scores).to(y.device)
+        result["rejected"] = 1 - accepted.double().mean().item()
+        result["accepted_accuracy"] = (calibrated.argmax(1)[accepted] == y[accepted]).double().mean().item() if accepted.any() else None
+    return result
 
 
 def eval_data(meta: dict, split: str, data_dir, checkpoint: Path, download: bool = True) -> ImageSet:

@@ -33,14 +33,25 @@ DIGIT_STYLE = ("mnist", "fashion-mnist", "kmnist", "emnist-letters", "emnist-bal
 # the square and cut to it, as CIFAR's own images are object-centred crops.
 CLASSIC_DECODE = {"cifar10": {"resize": "crop", "color": "rgb"}, "cifar100": {"resize": "crop", "color": "rgb"}}
 
+# The most pixels an image file may have, checked from its header before anything is decoded
+# (--max-pixels). A phone photo is 12 Mpixels (4032x3024; 48- and 50-Mpixel sensors save that by
+# default too) and a DSLR frame 24 (6000x4000), so a photo of a digit fits, and decoding one takes
+# about 100 MB. Pillow's own limit, 89.5 Mpixels, lets a file of a few hundred bytes that claims
+# 9000x9000 cost seconds and gigabytes, for a model whose input is 28x28.
+MAX_PIXELS = 25_000_000
+
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
 DEFAULT_LR = {"adam": 0.01, "sgd": 0.1, "lbfgs": 1.0}  # each tuned on MNIST and Fashion-MNIST
 SCHEDULES = ("constant", "cosine")
+CLASS_WEIGHTS = ("none", "balanced")
 # The defaults were tuned on MNIST: 5 epochs of 48,000 images in batches of 128, which is 1,875
 # steps. A small collection takes only a few steps per epoch, so without --epochs it trains for as
 # many epochs as it takes to make as many steps (scikit-learn's 1,150 training digits: 209 epochs).
 DEFAULT_EPOCHS = 5
 MIN_DEFAULT_STEPS = 1875
+# A small set's validation loss is noisy from epoch to epoch: wait this many epochs at least
+# before calling a run stalled.
+MIN_PATIENCE = 10
 
 DATA_DEFAULTS = {
     "dataset": "mnist",
@@ -55,6 +66,7 @@ DATA_DEFAULTS = {
     "resize": None,
     "color": None,
     "test_fraction": None,
+    "max_pixels": None,  # None: MAX_PIXELS
     # how a folder or CSV is loaded: the decoded-image cache
     "cache_dir": None,
     "no_cache": False,
@@ -62,7 +74,7 @@ DATA_DEFAULTS = {
     "max_memory": None,
 }
 # The settings above that ``load_split`` takes as options, and which of them decide the images.
-IMAGE_OPTIONS = ("image_size", "resize", "color", "test_fraction")
+IMAGE_OPTIONS = ("image_size", "resize", "color", "test_fraction", "max_pixels")
 CACHE_OPTIONS = ("cache_dir", "no_cache")
 
 # Named sets of settings; flags given on the command line override them.
@@ -71,7 +83,7 @@ PRESETS = {
     # 20% held out for validation, and the 5 epochs it trains first
     "tutorial": {
         "optimizer": "sgd", "lr": 0.001, "batch_size": 100, "schedule": "constant", "momentum": 0.0,
-        "weight_decay": 0.0, "val_fraction": 0.2, "epochs": 5,
+        "weight_decay": 0.0, "val_fraction": 0.2, "epochs": 5, "keep_best": False, "patience": 0,
     },
 }
 
@@ -110,6 +122,15 @@ class TrainConfig:
     seed: int = 0
     lbfgs_iterations: int = 20  # L-BFGS iterations per epoch (one full-batch step)
     tolerance: float = 1e-5  # L-BFGS stops once no gradient entry exceeds this
+    # With a validation set: end with the weights of the epoch of least validation loss, and stop
+    # once it has not improved for ``patience`` epochs (None: a tenth of the epochs, at least 10; 0: never).
+    keep_best: bool = True
+    patience: int | None = None
+    class_weight: str = "none"  # "balanced": each class weighs n / (classes x its count) in the loss
+    # After training, on the validation split: a temperature for the probabilities (calibrate), and
+    # a novelty threshold that accepts this share of images like the training ones (keep).
+    calibrate: bool = True
+    keep: float = 0.99
 
     def check(self) -> "TrainConfig":
         if self.optimizer not in OPTIMIZERS:
@@ -128,7 +149,19 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise UsageError(f"--{name.replace('_', '-')} must be zero or positive, got {value}")
+        if self.patience is not None and not (isinstance(self.patience, int) and self.patience >= 0):
+            raise UsageError(f"--patience must be a whole number of epochs, 0 or more, got {self.patience}")
+        if not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
+            raise UsageError(f"--keep must be a share above 0 and at most 1, got {self.keep}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise UsageError(f"unknown class weight {self.class_weight!r}; choose from {', '.join(CLASS_WEIGHTS)}")
         return self
+
+    def patience_for(self, epochs: int) -> int:
+        """Epochs without a better validation loss after which training stops (0: it never does)."""
+        if self.patience is not None:
+            return self.patience
+        return max(MIN_PATIENCE, math.ceil(epochs / 10))
 
     def epochs_for(self, n_train: int) -> int:
         """The epochs to train on ``n_train`` images: ``epochs`` if set, else the default rule above."""

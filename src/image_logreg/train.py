@@ -66,8 +66,9 @@ def fit(
     progress: bool = False,
     on_epoch=None,
     group: Group = SINGLE,
-) -> list[dict]:
-    """Train ``model`` in place; return one record per epoch.
+) -> "History":
+    """Train ``model`` in place; return one record per epoch (a ``History``: a list that also
+    says which epoch's weights the model ends with, and whether training stopped early).
 
     Each record holds ``train_loss``/``train_accuracy`` (averaged over the epoch's batches as
     they were trained, like the tutorial's running loss), ``val_loss``/``val_accuracy`` (the
@@ -84,6 +85,11 @@ def fit(
     ``group`` (see ``distributed``): each rank passes the same data and settings and computes
     its share of every batch; the summed gradients make every rank take the step one process
     takes, and the figures in the records are those of the whole sets.
+
+    With a validation set and ``keep_best`` (the default), the model ends with the weights of the
+    epoch of least validation loss (a later epoch wins a near tie, within 0.1%), and minibatch
+    training stops once that has not improved by 0.1% for ``cfg.patience_for(epochs)`` epochs.
+    ``class_weight="balanced"`` weighs each image's loss by n / (classes x its class's count).
     """
     cfg = (cfg or TrainConfig()).check()
     device = model.device
@@ -103,13 +109,16 @@ def fit(
     epochs = cfg.epochs_for(len(x_train))
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     schedule = make_schedule(cfg, steps_per_epoch * epochs)
+    weights = balanced_weights(y_train, model.num_classes) if cfg.class_weight == "balanced" else None
     # streamed: a batch's one-hot rows are made with it, so nothing the size of the set is kept
-    targets = None if streamed else F.one_hot(y_train, model.num_classes).to(x_train.dtype)
+    targets = None if streamed else target_rows(y_train, model.num_classes, weights, x_train.dtype)
     shuffler = torch.Generator().manual_seed(cfg.seed)
     show = progress and sys.stderr.isatty()
     minibatch = cfg.optimizer != "lbfgs"
 
-    history = []
+    history = History()
+    best = BestEpoch(model) if validate and cfg.keep_best else None
+    patience = cfg.patience_for(epochs) if best and minibatch else 0
     rows_per_step = (min(cfg.batch_size, len(x_train)) if minibatch else len(x_train)) // group.world_size
     with one_thread(device.type == "cpu" and rows_per_step * x_train.shape[1] < SMALL_STEP):
         for epoch in range(1, epochs + 1):
@@ -123,9 +132,9 @@ def fit(
                     from tqdm import tqdm  # only when a bar is drawn: tqdm's import is not free
 
                     batches = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, file=sys.stderr)
-                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, (epoch - 1) * steps_per_epoch, x_train, y_train, targets, order, cfg.batch_size, batches, group)
+                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, (epoch - 1) * steps_per_epoch, x_train, y_train, targets, order, cfg.batch_size, batches, group, weights)
             else:
-                grad_max = _lbfgs_epoch(model, optimizer, x_train, y_train, targets, cfg.weight_decay, group)
+                grad_max = _lbfgs_epoch(model, optimizer, x_train, y_train, targets, cfg.weight_decay, group, weights is not None)
                 extra = {"grad_norm": grad_max, "iterations": optimizer.iterations, "converged": grad_max <= cfg.tolerance}
                 train_loss, train_acc = _chunked_loss_and_accuracy(model, x_train, y_train, group)
             record = {"epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc}
@@ -143,7 +152,66 @@ def fit(
             stalled = extra and len(history) > 1 and history[-2]["train_loss"] <= train_loss  # float32's floor
             if extra.get("converged") or stalled:
                 break
+            if best is not None:
+                best.update(epoch, record["val_loss"])
+                if patience and best.stalled >= patience and epoch < epochs:
+                    history.stopped_early = True
+                    break
+    if best is not None:
+        best.restore()
+        history.kept_epoch = best.epoch
     return history
+
+
+class History(list):
+    """The records of ``fit``, one per epoch trained, and how training ended."""
+
+    kept_epoch: int | None = None  # the epoch whose weights the model ends with (None: the last)
+    stopped_early: bool = False  # stopped by the patience rule before the planned epochs
+
+    @property
+    def kept(self) -> dict:
+        """The record of the epoch whose weights the model ends with."""
+        return self[self.kept_epoch - 1] if self.kept_epoch else self[-1]
+
+
+class BestEpoch:
+    """The epoch of least validation loss so far, its weights, and how long since it improved."""
+
+    TIE = 1e-3  # relative: a later epoch this close to the best is taken, having trained longer
+
+    def __init__(self, model):
+        self.params = list(model.parameters())
+        self.loss = math.inf
+        self.epoch: int | None = None
+        self.weights: list[torch.Tensor] = []
+        self.stalled = 0  # epochs since the loss last fell by more than TIE
+
+    def update(self, epoch: int, val_loss: float) -> None:
+        if val_loss <= self.loss * (1 + self.TIE):
+            self.epoch = epoch
+            self.weights = [p.detach().clone() for p in self.params]
+        self.stalled = 0 if val_loss < self.loss * (1 - self.TIE) else self.stalled + 1
+        self.loss = min(self.loss, val_loss)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, w in zip(self.params, self.weights):
+            p.copy_(w)
+
+
+def balanced_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each class's weight n / (classes x count), as scikit-learn's ``class_weight="balanced"``;
+    a class with no images weighs 0."""
+    counts = torch.bincount(y, minlength=num_classes).double()
+    weights = torch.where(counts > 0, len(y) / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float().to(y.device)
+
+
+def target_rows(y: torch.Tensor, num_classes: int, weights: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
+    """One-hot rows of ``y``, each scaled by its class's weight when there are weights."""
+    rows = F.one_hot(y, num_classes).to(dtype)
+    return rows if weights is None else rows.mul_(weights.to(dtype).index_select(0, y)[:, None])
 
 
 @contextlib.contextmanager
@@ -166,7 +234,7 @@ def one_thread(enabled: bool = True):
 
 @torch.no_grad()
 def _minibatch_epoch(model, optimizer, schedule, steps_before: int, x, y, targets, order, batch_size, batches,
-                     group: Group = SINGLE) -> tuple[float, float]:
+                     group: Group = SINGLE, weights: torch.Tensor | None = None) -> tuple[float, float]:
     """One pass over shuffled batches; returns the running mean loss and accuracy. ``schedule(k)``
     is the learning rate after ``k`` steps, of which ``steps_before`` were taken in earlier epochs.
 
@@ -183,10 +251,10 @@ def _minibatch_epoch(model, optimizer, schedule, steps_before: int, x, y, target
             idx = idx[group.shard(rows)]
         yb = y.index_select(0, idx)
         if targets is None:  # streamed
-            xb, hot = x.take(idx), F.one_hot(yb, model.num_classes).to(torch.float32)
+            xb, hot = x.take(idx), target_rows(yb, model.num_classes, weights)
         else:
             xb, hot = x.index_select(0, idx), targets.index_select(0, idx)
-        batch_loss, batch_correct = batch_gradient(model, xb, yb, hot, rows)
+        batch_loss, batch_correct = batch_gradient(model, xb, yb, hot, rows, weights is not None)
         group.all_reduce_grads(model.parameters())
         optimizer.step()
         optimizer.lr = schedule(step)
@@ -199,7 +267,7 @@ def _minibatch_epoch(model, optimizer, schedule, steps_before: int, x, y, target
 
 
 def batch_gradient(
-    model, xb: torch.Tensor, yb: torch.Tensor, onehot: torch.Tensor, rows: int | None = None
+    model, xb: torch.Tensor, yb: torch.Tensor, onehot: torch.Tensor, rows: int | None = None, weighted: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Set the gradient of the mean cross-entropy on a batch; return (summed loss, correct).
 
@@ -208,16 +276,24 @@ def batch_gradient(
     arithmetic autograd would do, without the cost of recording and replaying a graph, which
     at these sizes is most of a step. ``xb`` is flat (n x features). ``rows`` (default: the
     rows of ``xb``) is the n to divide by: a rank's share of a batch divides by the whole batch's.
+    ``weighted``: ``onehot``'s rows are scaled by their image's weight w (``target_rows``), which
+    makes the loss sum of w * cross-entropy and the residual w * (p - onehot).
     """
     weight, bias = model.linear.weight, model.linear.bias
     logits = torch.addmm(bias, xb, weight.t())
     log_p = logits.log_softmax(1)
     loss_sum = -(log_p * onehot).sum()
     correct = (logits.argmax(1) == yb).sum()
-    residual = log_p.exp_().sub_(onehot).div_(len(xb) if rows is None else rows)
+    residual = _residual(log_p, onehot, weighted).div_(len(xb) if rows is None else rows)
     weight.grad = residual.t().mm(xb)
     bias.grad = residual.sum(0)
     return loss_sum, correct
+
+
+def _residual(log_p: torch.Tensor, targets: torch.Tensor, weighted: bool) -> torch.Tensor:
+    """p - onehot, or with weighted targets w * p - w * onehot (a row of targets sums to its w)."""
+    p = log_p.exp_()
+    return (p.mul_(targets.sum(1, keepdim=True)) if weighted else p).sub_(targets)
 
 
 def regularised_loss(model, x, y, weight_decay: float) -> torch.Tensor:
@@ -228,11 +304,11 @@ def regularised_loss(model, x, y, weight_decay: float) -> torch.Tensor:
     return loss
 
 
-def _lbfgs_epoch(model, optimizer, x, y, onehot, weight_decay: float, group: Group = SINGLE) -> float:
+def _lbfgs_epoch(model, optimizer, x, y, onehot, weight_decay: float, group: Group = SINGLE, weighted: bool = False) -> float:
     """One full-batch L-BFGS step; returns the largest gradient entry at the new point."""
 
     def closure():
-        return full_objective(model, x, y, onehot, weight_decay, group)
+        return full_objective(model, x, y, onehot, weight_decay, group, weighted)
 
     optimizer.step(closure)
     closure()  # the gradient where the step ended, to judge convergence
@@ -285,7 +361,7 @@ def _each_piece(piece, chunks: range, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def full_objective(model, x, y, onehot, weight_decay: float, group: Group = SINGLE) -> torch.Tensor:
+def full_objective(model, x, y, onehot, weight_decay: float, group: Group = SINGLE, weighted: bool = False) -> torch.Tensor:
     """Set the gradient of the regularised objective on all of ``(x, y)``; return the objective.
 
     The objective is mean cross-entropy + ``weight_decay/2 * ||theta||^2``, its gradient in the
@@ -303,7 +379,7 @@ def full_objective(model, x, y, onehot, weight_decay: float, group: Group = SING
         xb, hot = x[lo:hi], onehot[lo:hi]
         log_p = torch.addmm(bias, xb, weight.t()).log_softmax(1)
         parts[c, -1] = -(log_p * hot).sum()
-        residual = log_p.exp_().sub_(hot)
+        residual = _residual(log_p, hot, weighted)
         parts[c, :w] = residual.t().mm(xb).reshape(-1)
         parts[c, w:-1] = residual.sum(0)
 

@@ -5,6 +5,8 @@ Every answer a client can cause is a 2xx, or a 4xx with ``{"error": "..."}``.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from importlib import resources
 from urllib.parse import quote
 
@@ -21,7 +23,7 @@ from starlette.formparsers import MultiPartException
 from .. import __version__
 from ..errors import ImageError, ImageTooLargeError
 from ..predict import explain, predict_file
-from ..preprocess import header_size
+from ..preprocess import MAX_PIXELS, header_size, too_many_pixels
 from . import protocol
 from .guard import Guard
 from .hot import HotRoutes, read_body
@@ -36,6 +38,13 @@ DECODE_SLOTS = 2
 # A few images this small (a drawing, a dataset sample) decode in well under a millisecond.
 INLINE_PIXELS = 512 * 512
 INLINE_IMAGES = 4
+# The images of one request may hold this many times --max-pixels together (header sizes): a few
+# photos, or every one of --max-images drawings, but never so much that one request holds a
+# decode slot for more than a few seconds while other uploads wait for it.
+REQUEST_PIXELS_FACTOR = 4
+# glibc keeps what a decoding thread frees in that thread's arena, so after a large decode the
+# server's memory would stay high for good; past this many pixels a request hands it back.
+TRIM_AFTER_PIXELS = 4_000_000
 STATIC = resources.files("image_logreg.serve") / "static"
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415)}
 
@@ -53,17 +62,21 @@ def create_app(
     token: str | None = None,
     max_body: int = MAX_BODY,
     max_images: int = MAX_IMAGES,
+    max_pixels: int = MAX_PIXELS,
     cors_origins: list[str] | None = None,
     log=None,
 ) -> Guard:
-    """The ASGI application serving ``models``. ``token`` set: every API request needs it."""
+    """The ASGI application serving ``models``. ``token`` set: every API request needs it.
+    ``max_pixels``: the largest image decoded; a request's images may hold ``REQUEST_PIXELS_FACTOR``
+    times that together."""
     metrics = Metrics()
     app = FastAPI(
-        title="image-logreg", version=__version__, docs_url=None, redoc_url=None,
+        # a redirect for a trailing slash would build its URL from the client's Host header
+        title="image-logreg", version=__version__, docs_url=None, redoc_url=None, redirect_slashes=False,
         default_response_class=JSONResponse,
         description="Image classification with logistic regression: the Open Inference Protocol (v2) and image files.",
     )
-    inference = Inference(models, metrics, max_images)
+    inference = Inference(models, metrics, max_images, max_pixels)
     _add_error_handlers(app)
 
     # --- image files -------------------------------------------------------------------------
@@ -132,6 +145,10 @@ def create_app(
     async def page():
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():  # every browser asks for it, whatever the page links
+        return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon")
+
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     _document_request_schema(app)
 
@@ -149,10 +166,11 @@ class Inference:
     """What ``infer`` and ``/predict`` do, apart from the web framework: both the FastAPI routes
     and ``HotRoutes`` (which answers them in front of FastAPI, for speed) call these."""
 
-    def __init__(self, models: dict[str, ServedModel], metrics: Metrics, max_images: int):
+    def __init__(self, models: dict[str, ServedModel], metrics: Metrics, max_images: int, max_pixels: int = MAX_PIXELS):
         self.models = models
         self.metrics = metrics
         self.max_images = max_images
+        self.max_pixels = max_pixels
         self.decode_slots = anyio.CapacityLimiter(DECODE_SLOTS)
 
     def model(self, name: str, version: str | None = None) -> ServedModel:
@@ -171,25 +189,90 @@ class Inference:
         return response
 
     async def predict(self, query, content_type: str, scope, receive) -> list[dict]:
+        """One entry per file, as ``predict --json`` prints them: a prediction, or ``{source, error}``.
+
+        Sizes are read from the headers first: a file over ``max_pixels`` is refused unread, and a
+        request whose other files hold too many pixels together is refused whole (413). With no file
+        predicted the answer is the error alone: 413 if every file was too large, else 422.
+        """
         model, top_k, normalize, explain_, filename = _predict_options(query)
         chosen = self.model(model) if model is not None else next(iter(self.models.values()))
         uploads = await _uploads(content_type, scope, receive, filename, self.max_images)
+        sizes = [header_size(data) for _, data in uploads]
+        refused = self._oversized(uploads, sizes)
+        pixels = self._request_pixels(sizes, refused)
+        too_large = set(refused)  # positions of the files refused for their size, decoded or not
 
         def run() -> list[dict]:
-            results = []
-            for name, data in uploads:
-                result, image = predict_file(chosen.model, chosen.meta, data, top_k, normalize=normalize, name=name)
+            answers = []
+            for i, (name, data) in enumerate(uploads):
+                if i in refused:
+                    answers.append(refused[i])
+                    continue
+                try:
+                    result, image = predict_file(chosen.model, chosen.meta, data, top_k, normalize=normalize, name=name,
+                                                 max_pixels=self.max_pixels)
+                except ImageError as exc:
+                    answers.append({"source": name, "error": str(exc)})
+                    if isinstance(exc, ImageTooLargeError):
+                        too_large.add(i)
+                    continue
                 if explain_:
                     result.update(explain(chosen.model, torch.from_numpy(image)[None], chosen.meta)[0])
-                results.append(result)
-            return results
+                answers.append(result)
+            if pixels > TRIM_AFTER_PIXELS:
+                release_memory()
+            return answers
 
-        if len(uploads) <= INLINE_IMAGES and all(_is_small(data) for _, data in uploads):
-            results = run()  # quicker than a thread hand-off, and too short to hold other requests up
+        if len(refused) == len(uploads):  # nothing to decode: no need to wait for a decode slot
+            raise _nothing_predicted(list(refused.values()), all_too_large=True)
+        if len(uploads) <= INLINE_IMAGES and all(_is_small(size) for i, size in enumerate(sizes) if i not in refused):
+            answers = run()  # quicker than a thread hand-off, and too short to hold other requests up
         else:
-            results = await anyio.to_thread.run_sync(run, limiter=self.decode_slots)
-        self.metrics.predicted(chosen.name, len(results))
-        return results
+            answers = await anyio.to_thread.run_sync(run, limiter=self.decode_slots)
+        predicted = sum(1 for answer in answers if "error" not in answer)
+        if not predicted:
+            raise _nothing_predicted(answers, all_too_large=len(too_large) == len(answers))
+        self.metrics.predicted(chosen.name, predicted)
+        return answers
+
+    def _oversized(self, uploads: list[tuple[str, bytes]], sizes: list) -> dict[int, dict]:
+        """The error entry of each file whose header states more than ``max_pixels``, by position."""
+        return {
+            i: {"source": name, "error": too_many_pixels(name, size, self.max_pixels)}
+            for i, ((name, _), size) in enumerate(zip(uploads, sizes))
+            if size is not None and size[0] * size[1] > self.max_pixels
+        }
+
+    def _request_pixels(self, sizes: list, refused: dict[int, dict]) -> int:
+        """The pixels the files to decode hold together, as their headers state; 413 over the budget."""
+        total = sum(size[0] * size[1] for i, size in enumerate(sizes) if size is not None and i not in refused)
+        budget = REQUEST_PIXELS_FACTOR * self.max_pixels
+        if total > budget:
+            raise ProtocolError(f"the images in this request hold {total:,} pixels together; the limit is {budget:,} "
+                                f"({REQUEST_PIXELS_FACTOR} x --max-pixels): send them in several requests", 413)
+        return total
+
+
+def _nothing_predicted(answers: list[dict], all_too_large: bool) -> ProtocolError:
+    first = answers[0]["error"]
+    message = first if len(answers) == 1 else f"none of the {len(answers)} images could be used; the first: {first}"
+    return ProtocolError(message, 413 if all_too_large else 422)
+
+
+def release_memory() -> None:
+    """Hand the memory that decoding freed back to the system (glibc only; elsewhere nothing to do)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: musl, macOS and Windows have no malloc_trim
+        return None
 
 
 # The query parameters of /predict, read by hand like the infer route's (see there), documented here.
@@ -248,9 +331,8 @@ async def _uploads(content_type: str, scope, receive, filename: str | None, max_
     )
 
 
-def _is_small(data: bytes) -> bool:
+def _is_small(size: tuple[int, int] | None) -> bool:
     """Whether the image's header promises a small image (no header: it fails fast anyway)."""
-    size = header_size(data)
     return size is None or size[0] * size[1] <= INLINE_PIXELS
 
 

@@ -3,17 +3,22 @@ the access log line and the metrics. Written as plain ASGI, since it runs on eve
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import sys
 import time
 
 import orjson
+from starlette.routing import Match
 
 from .metrics import Metrics
 
 # The page and its files hold no data; the browser must be able to fetch them before it has a token.
 OPEN_PATHS = ("/", "/favicon.ico")
 OPEN_PREFIXES = ("/static/",)
+# The body deadlines are checked by one timer for all requests, every half second at most
+# (less for short deadlines), so a 408 comes at most that late.
+SWEEP_SECONDS = 0.5
 
 
 class Guard:
@@ -23,12 +28,26 @@ class Guard:
         self.token = token.encode() if token else None
         self.max_body = max_body
         self.log = log if log is not None else _stderr_line
+        self.body_timeout: float | None = None
+        self.max_buffered: int | None = None
+        self.buffered = 0  # bytes of request bodies held by requests in flight, all together
+        self._deadlines: dict[asyncio.Task, float] = {}
+        self._timed_out: set[asyncio.Task] = set()
+        self._sweeping = False
+        self._routes = None
+
+    def limit(self, *, body_timeout: float | None, max_buffered: int | None) -> None:
+        """A request's whole body must arrive within ``body_timeout`` seconds (else 408), and the
+        bodies of all requests in flight may hold ``max_buffered`` bytes together (else 503)."""
+        self.body_timeout = body_timeout
+        self.max_buffered = max_buffered
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
         status = [0]
+        body = None
 
         async def tracked_send(message):
             if message["type"] == "http.response.start":
@@ -45,9 +64,11 @@ class Guard:
                 return
             await self.app(scope, _replay(body, receive), tracked_send)
         finally:
+            if body:
+                self.buffered -= len(body)
             seconds = time.perf_counter() - start
             route = scope.get("route")
-            endpoint = getattr(route, "path", None) or ("/static" if scope["path"].startswith("/static/") else "unmatched")
+            endpoint = getattr(route, "path", None) or self._endpoint_of(scope)
             self.metrics.observe(endpoint, scope["method"], status[0], seconds)
             client = scope.get("client")
             where = f"{client[0]}:{client[1]}" if client else "-"
@@ -62,22 +83,111 @@ class Guard:
         return False
 
     async def _read_body(self, scope, receive, send) -> bytes | None:
-        """The whole body, or None once a 413 is sent: nothing past the limit is read or kept."""
+        """The whole body, counted in ``buffered`` until the request ends; or None once an error
+        is sent or the client has gone: nothing past a limit is read or kept."""
+        has_body = False
         for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                await send_error(send, 413, f"request body of {int(value)} bytes is over the limit of {self.max_body}")
-                return None
+            if name == b"content-length" and value.isdigit():
+                length = int(value)
+                if length > self.max_body:
+                    await send_error(send, 413, f"request body of {length} bytes is over the limit of {self.max_body}")
+                    return None
+                if self.max_buffered is not None and self.buffered + length > self.max_buffered:
+                    await send_error(send, 503, self._busy_message(), RETRY_SOON)
+                    return None
+                has_body = has_body or length > 0
+            elif name == b"transfer-encoding":
+                has_body = True
+        body = await self._receive_body(receive, has_body)
+        if isinstance(body, tuple):
+            await send_error(send, *body)
+            return None
+        return body
+
+    async def _receive_body(self, receive, has_body: bool):
+        """The body, None if the client left, or the (status, message, headers) of an error."""
+        task = None
+        if has_body and self.body_timeout is not None:  # without a body, the server has the whole request
+            task = asyncio.current_task()
+            self._deadlines[task] = time.monotonic() + self.body_timeout
+            if not self._sweeping:
+                self._sweep_soon()
         body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            if len(body) > self.max_body:
-                await send_error(send, 413, f"request body is over the limit of {self.max_body} bytes")
-                return None
-            if not message.get("more_body", False):
-                return bytes(body)
+        complete = False
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                if self.max_buffered is not None and self.buffered + len(chunk) > self.max_buffered:
+                    return 503, self._busy_message(), RETRY_SOON
+                self.buffered += len(chunk)
+                body += chunk
+                if len(body) > self.max_body:
+                    return 413, f"request body is over the limit of {self.max_body} bytes", None
+                if not message.get("more_body", False):
+                    complete = True
+                    return bytes(body)
+        except asyncio.CancelledError:
+            if task not in self._timed_out:
+                raise
+            self._timed_out.discard(task)
+            task.uncancel()
+            # The rest of the body may never come: the connection cannot carry another request.
+            return 408, f"request body not complete within {self.body_timeout:g} s", [(b"connection", b"close")]
+        finally:
+            if task is not None:
+                self._deadlines.pop(task, None)
+            if not complete:
+                self.buffered -= len(body)
+
+    def _busy_message(self) -> str:
+        return f"the server holds too many request bodies at once (over {self.max_buffered} bytes); retry shortly"
+
+    def _sweep_soon(self) -> None:
+        self._sweeping = True
+        asyncio.get_running_loop().call_later(min(SWEEP_SECONDS, self.body_timeout / 10), self._sweep)
+
+    def _sweep(self) -> None:
+        """Cancels the body reads past their deadline; their requests answer 408 (see _receive_body)."""
+        now = time.monotonic()
+        for task, deadline in list(self._deadlines.items()):
+            if deadline <= now:
+                del self._deadlines[task]
+                self._timed_out.add(task)
+                task.cancel()
+        self._sweeping = False
+        if self._deadlines:
+            self._sweep_soon()
+
+    def _endpoint_of(self, scope) -> str:
+        """The route template of a request answered before routing (401, 408, 413, 503), for the metrics."""
+        path = scope["path"]
+        if path.startswith("/static/"):
+            return "/static"
+        if self._routes is None:
+            self._routes = _routes_behind(self.app)
+        for route in self._routes:
+            if route.matches(scope)[0] is not Match.NONE:
+                return route.path
+        return "unmatched"
+
+
+RETRY_SOON = [(b"retry-after", b"1")]
+
+
+def guard_of(app) -> Guard:
+    """The Guard inside the ASGI app ``create_app`` made (CORS may wrap it)."""
+    while not isinstance(app, Guard):
+        app = app.app
+    return app
+
+
+def _routes_behind(app) -> list:
+    while app is not None and not hasattr(app, "router"):
+        app = getattr(app, "app", None)
+    return [route for route in app.router.routes if hasattr(route, "path")] if app is not None else []
 
 
 def _is_open(path: str) -> bool:

@@ -14,10 +14,9 @@ import orjson
 import torch
 from pydantic import BaseModel, Field
 
-from .registry import VERSION, ServedModel
+from .registry import NOVELTY_OUTPUTS, OUTPUTS, VERSION, ServedModel
 
 INPUT_NAME = "input"
-OUTPUTS = ("probabilities", "class_index")
 DATATYPES = {"UINT8": (0, 255), "FP32": (0.0, 1.0)}
 
 
@@ -62,7 +61,8 @@ class RequestInput(BaseModel):
 
 
 class RequestOutput(BaseModel):
-    name: str = Field(examples=list(OUTPUTS))
+    name: str = Field(examples=[*OUTPUTS, *NOVELTY_OUTPUTS],
+                      description="rejected and ood_score: only for models with a novelty score (see the model's outputs)")
     parameters: dict[str, Any] | None = None
 
 
@@ -77,7 +77,7 @@ class ResponseOutput(BaseModel):
     name: str
     datatype: str
     shape: list[int]
-    data: list[float | int]
+    data: list[float | int | bool]
 
 
 class InferenceResponse(BaseModel):
@@ -110,7 +110,7 @@ def decode_request(body: bytes, served: ServedModel, max_images: int) -> tuple[t
     shape = _shape(tensor.get("shape"), served, max_images)
     # JSON true/false would pass for 1/0 in the fast path below; a body without them holds none.
     images = _data(tensor.get("data"), shape, datatype, fast=b"true" not in body and b"false" not in body)
-    return images, _requested_outputs(request.get("outputs")), request.get("id")
+    return images, _requested_outputs(request.get("outputs"), served), request.get("id")
 
 
 def _json_object(body: bytes) -> dict:
@@ -173,15 +173,15 @@ def _data(data, shape: list[int], datatype: str, fast: bool = False) -> torch.Te
     return torch.from_numpy(array.astype(np.float32).reshape(shape))
 
 
-def _requested_outputs(outputs) -> list[str]:
+def _requested_outputs(outputs, served: ServedModel) -> list[str]:
     if outputs is None:
-        return list(OUTPUTS)
+        return list(served.outputs)
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ProtocolError("'outputs' must be a list of objects with a 'name'")
     names = []
     for output in outputs:
-        if output.get("name") not in OUTPUTS:
-            raise ProtocolError(f"unknown output {output.get('name')!r}; choose from {', '.join(OUTPUTS)}")
+        if output.get("name") not in served.outputs:
+            raise ProtocolError(_unknown_output(output.get("name"), served))
         params = output.get("parameters")
         if isinstance(params, dict) and params.get("binary_data"):
             raise ProtocolError("binary tensor data is not supported; request outputs with binary_data=False")
@@ -189,14 +189,24 @@ def _requested_outputs(outputs) -> list[str]:
     return names
 
 
+def _unknown_output(name, served: ServedModel) -> str:
+    message = f"unknown output {name!r}; choose from {', '.join(served.outputs)}"
+    if name in NOVELTY_OUTPUTS:
+        message += f" (model {served.name!r} has no novelty score)"
+    return message
+
+
 def infer(served: ServedModel, images: torch.Tensor, outputs: list[str], request_id=None) -> dict:
     """The protocol's inference response for ``images`` (N x input shape)."""
-    proba = served.probabilities(images)
+    proba, scores, rejected = served.answer(images, novelty=any(name in NOVELTY_OUTPUTS for name in outputs))
+    n = proba.shape[0]
     tensors = {
         "probabilities": lambda: {"name": "probabilities", "datatype": "FP32", "shape": list(proba.shape),
                                   "data": proba.reshape(-1).tolist()},
-        "class_index": lambda: {"name": "class_index", "datatype": "INT64", "shape": [proba.shape[0]],
+        "class_index": lambda: {"name": "class_index", "datatype": "INT64", "shape": [n],
                                 "data": proba.argmax(dim=1).tolist()},
+        "rejected": lambda: {"name": "rejected", "datatype": "BOOL", "shape": [n], "data": rejected.tolist()},
+        "ood_score": lambda: {"name": "ood_score", "datatype": "FP32", "shape": [n], "data": scores.tolist()},
     }
     response = {"model_name": served.name, "model_version": VERSION, "outputs": [tensors[name]() for name in outputs]}
     if request_id is not None:

@@ -15,6 +15,9 @@ from ..model import LogisticRegression
 from ..preprocess import PREPROCESSING, digit_box
 
 VERSION = "1"  # one version per served name; the protocol's paths may still name it
+OUTPUTS = ("probabilities", "class_index")
+# Only a model with a fitted novelty score (``confidence``) can say an input is unlike its data.
+NOVELTY_OUTPUTS = ("rejected", "ood_score")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -25,9 +28,11 @@ class ServedModel:
     meta: dict
     path: Path
     classes: list[str] = field(init=False)
+    outputs: tuple[str, ...] = field(init=False)  # the output tensors this model answers with
 
     def __post_init__(self):
         self.classes = list(self.meta["classes"])
+        self.outputs = OUTPUTS + (NOVELTY_OUTPUTS if self.model.novelty is not None else ())
 
     @property
     def input_shape(self) -> list[int]:
@@ -44,6 +49,18 @@ class ServedModel:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.predict_proba(self.inputs(images)).cpu()
+
+    @torch.inference_mode()
+    def answer(self, images: torch.Tensor, novelty: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Probabilities, and with ``novelty`` (where the model has it) each image's OOD score and
+        whether it is rejected. The score costs more than the probabilities do for one image, so
+        it is only computed when asked for."""
+        x = self.inputs(images)
+        proba = self.model.predict_proba(x).cpu()
+        if not novelty or self.model.novelty is None:
+            return proba, None, None
+        scores = self.model.novelty_scores(x)
+        return proba, scores.cpu(), self.model.rejects(scores).cpu()
 
     def metadata(self) -> dict:
         """Open Inference Protocol model metadata, with the model's own facts as parameters.
@@ -62,15 +79,20 @@ class ServedModel:
             name = files.get("name") or PREPROCESSING["name"]
             image_files = {"name": name, "image_size": size, "box": digit_box(size), "resize": None, "color": "gray"}
         k = len(self.classes)
+        outputs = [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
+            {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+        ]
+        novelty = self.model.novelty
+        if novelty is not None:
+            outputs += [{"name": "rejected", "datatype": "BOOL", "shape": [-1]},
+                        {"name": "ood_score", "datatype": "FP32", "shape": [-1]}]
         return {
             "name": self.name,
             "versions": [VERSION],
             "platform": "image-logreg",
             "inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, *self.input_shape]}],
-            "outputs": [
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
-                {"name": "class_index", "datatype": "INT64", "shape": [-1]},
-            ],
+            "outputs": outputs,
             "parameters": {
                 "dataset": self.meta.get("dataset"),
                 "classes": self.classes,
@@ -78,6 +100,10 @@ class ServedModel:
                 "deskew": self.deskew,
                 "metrics": self.meta.get("metrics"),
                 "image_files": image_files,
+                # probabilities are softmax(logits / temperature); an input scoring above the
+                # threshold is rejected, and ``keep`` is the share of held-out images accepted
+                "temperature": float(self.model.temperature),
+                "novelty": None if novelty is None else {"threshold": novelty.threshold, "keep": novelty.keep},
             },
         }
 

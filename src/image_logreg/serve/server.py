@@ -15,6 +15,16 @@ from ..errors import UsageError
 TOKEN_ENV = "IMAGE_LOGREG_TOKEN"
 # Requests in flight get this long to finish once a shutdown signal arrives.
 GRACEFUL_SECONDS = 10
+# Slow or idle clients must not hold connections and memory for good. The body deadline is for a
+# whole body of up to --max-body (8 MiB) over a slow uplink (about 1 Mbit/s); the buffered cap
+# lets 16 such bodies be read at once, a few hundred MiB of server memory at most.
+HEADER_TIMEOUT = 10.0
+BODY_TIMEOUT = 60.0
+KEEP_ALIVE = 5.0
+MAX_CONNECTIONS = 1000
+MAX_BUFFERED = 128 * 1024 * 1024
+TOKEN_MIN_LENGTH = 16
+MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))" > token.txt'
 
 
 def is_loopback(host: str) -> bool:
@@ -35,8 +45,43 @@ def read_token(token_file: str | None) -> str | None:
             raise UsageError(f"--token-file {token_file}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
         if not token:
             raise UsageError(f"--token-file {token_file} is empty")
+        check_token(token, f"--token-file {token_file}")
+        warn_if_others_can_read(token_file)
         return token
-    return os.environ.get(TOKEN_ENV, "").strip() or None
+    token = os.environ.get(TOKEN_ENV, "").strip() or None
+    if token:
+        check_token(token, f"${TOKEN_ENV}")
+    return token
+
+
+def check_token(token: str, where: str) -> None:
+    """A short token is guessed quickly: the API answers each wrong one at once."""
+    if len(token) < TOKEN_MIN_LENGTH:
+        raise UsageError(f"{where}: a {len(token)}-character token is too short; use at least {TOKEN_MIN_LENGTH} "
+                         f"characters, for example: {MAKE_TOKEN}")
+
+
+def warn_if_others_can_read(token_file: str) -> None:
+    try:
+        mode = Path(token_file).stat().st_mode
+    except OSError:
+        return
+    if mode & 0o044:
+        print(f"warning: --token-file {token_file} can be read by other users; chmod 600 {token_file}",
+              file=sys.stderr, flush=True)
+
+
+def check_connection_limits(header_timeout: float, body_timeout: float, keep_alive: float, max_connections: int,
+                            max_buffered: int, max_body: int) -> None:
+    for flag, seconds in (("--header-timeout", header_timeout), ("--body-timeout", body_timeout),
+                          ("--keep-alive", keep_alive)):
+        if not seconds > 0:
+            raise UsageError(f"{flag} must be a number of seconds above 0, got {seconds}")
+    if max_connections < 1:
+        raise UsageError(f"--max-connections must be at least 1, got {max_connections}")
+    if max_buffered < max_body:
+        raise UsageError(f"--max-buffered ({max_buffered} bytes) must be at least --max-body ({max_body} bytes), "
+                         "or no body of the largest size could ever be read")
 
 
 def check_exposure(host: str, token: str | None, no_auth: bool) -> None:
@@ -105,9 +150,15 @@ def serve(
     cors_origins: list[str] | None = None,
     max_body: int | None = None,
     max_images: int | None = None,
+    max_pixels: int | None = None,
     dataset: str | None = None,
     device: str = "auto",
     http: str = "auto",
+    header_timeout: float | None = None,
+    body_timeout: float | None = None,
+    keep_alive: float | None = None,
+    max_connections: int | None = None,
+    max_buffered: int | None = None,
     out=sys.stdout,
 ) -> None:
     """Serve ``specs`` (``NAME=PATH`` or ``PATH``) until interrupted; requests in flight finish."""
@@ -115,18 +166,28 @@ def serve(
     import uvicorn
 
     from ..train import resolve_device
-    from .app import MAX_BODY, MAX_IMAGES, create_app
+    from .app import MAX_BODY, MAX_IMAGES, MAX_PIXELS, create_app
+    from .connections import protocol_class
+    from .guard import guard_of
     from .registry import load_models
 
     token = read_token(token_file)
     check_exposure(host, token, no_auth)
-    if max_body is not None and max_body < 1 or max_images is not None and max_images < 1:
-        raise UsageError("--max-body and --max-images must be at least 1")
+    if any(limit is not None and limit < 1 for limit in (max_body, max_images, max_pixels)):
+        raise UsageError("--max-body, --max-images and --max-pixels must be at least 1")
+    header_timeout = HEADER_TIMEOUT if header_timeout is None else header_timeout
+    body_timeout = BODY_TIMEOUT if body_timeout is None else body_timeout
+    keep_alive = KEEP_ALIVE if keep_alive is None else keep_alive
+    max_connections = MAX_CONNECTIONS if max_connections is None else max_connections
+    max_buffered = MAX_BUFFERED if max_buffered is None else max_buffered
+    check_connection_limits(header_timeout, body_timeout, keep_alive, max_connections, max_buffered,
+                            max_body or MAX_BODY)
     models = load_models(specs, dataset=dataset, device=resolve_device(device))
     # Requests are small: one thread each answers faster than several sharing one product.
     torch.set_num_threads(1)
     app = create_app(models, token=token, max_body=max_body or MAX_BODY, max_images=max_images or MAX_IMAGES,
-                     cors_origins=cors_origins)
+                     max_pixels=max_pixels or MAX_PIXELS, cors_origins=cors_origins)
+    guard_of(app).limit(body_timeout=body_timeout, max_buffered=max_buffered)
     sock = bind(host, port)
     url = url_for(sock)
     for model in models.values():
@@ -134,8 +195,10 @@ def serve(
         print(f"model {model.name}: {meta.get('dataset')}, {len(model.classes)} classes, from {model.path}", file=out)
     print(f"serving {len(models)} model(s) at {url} (page: {url}, API: {url}v2){' with token' if token else ''}",
           file=out, flush=True)
-    config = uvicorn.Config(app, http=http, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=GRACEFUL_SECONDS)
+    protocol = protocol_class(http, header_timeout=header_timeout, body_timeout=body_timeout,
+                              max_connections=max_connections)
+    config = uvicorn.Config(app, http=protocol, log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=GRACEFUL_SECONDS, timeout_keep_alive=keep_alive)
     server = _graceful_server_class()(config)
     server.run(sockets=[sock])
     print(f"server stopped{' by ' + server.stopped_by if server.stopped_by else ''}", file=sys.stderr, flush=True)

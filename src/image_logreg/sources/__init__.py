@@ -18,7 +18,7 @@ NAMES = FOLDER_KINDS + CLASSIC
 
 # load_split options that decide the images of a folder or CSV, and those that only decide
 # how they are loaded (accepted, and ignored, for every dataset).
-IMAGE_OPTIONS = ("image_size", "resize", "color", "test_fraction", "seed")
+IMAGE_OPTIONS = ("image_size", "resize", "color", "test_fraction", "seed", "max_pixels")
 LOADING_OPTIONS = ("cache_dir", "no_cache", "progress", "workers", "log")
 
 

@@ -3,8 +3,10 @@
 An entry is a folder named by a key: a hash of the files (relative path, label, size and
 modification time in nanoseconds, in listing order), the decode settings and the cache
 format. A changed, added or removed file changes the key, so a stale entry is never read.
-It holds ``images.npy`` (opened memory-mapped, so only the pages used are read) and
-``entry.json`` (which files were skipped and why, the colour and size decided).
+It holds ``images.npy`` (opened memory-mapped) and ``entry.json`` (which files were skipped
+and why, the colour and size decided, and a CRC-32 of ``images.npy``). An entry whose
+``images.npy`` no longer matches its checksum, or whose record does not hold together, is a
+miss, and is rebuilt.
 
 An entry is built in a temporary folder and renamed into place, so a reader sees a whole
 entry or none; an interrupted write leaves no entry. Entries are never evicted: delete
@@ -19,6 +21,8 @@ import os
 import shutil
 import tempfile
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,7 @@ ENTRY_FILE = "entry.json"
 _TEMP_PREFIX = ".tmp-"
 # Temporary folders older than this were left by a killed process: removed on the next write.
 _STALE_TEMP_SECONDS = 24 * 3600
+_CHECKSUM_BLOCK = 1 << 20  # bytes read at a time: small enough to stay in the CPU's cache
 
 
 def default_cache_dir() -> Path:
@@ -57,23 +62,46 @@ class Entry:
     path: Path
 
 
-def load(cache_dir: str | os.PathLike, key: str) -> Entry | None:
-    """The entry for ``key``, or None when there is none (or it cannot be read: then it is rebuilt)."""
+def load(cache_dir: str | os.PathLike, key: str, check: Callable[[dict, tuple], bool] | None = None) -> Entry | None:
+    """The entry for ``key``, or None when there is none (or it cannot be read: then it is rebuilt).
+
+    ``check(info, shape)``, the caller's test that the record holds together, makes it a miss too.
+    """
     folder = Path(cache_dir) / key
     try:
         info = json.loads((folder / ENTRY_FILE).read_text(encoding="utf-8"))
-        if info.get("format") != FORMAT_VERSION:
+        if not isinstance(info, dict) or info.get("format") != FORMAT_VERSION:
+            return None
+        if info.get("checksum") != file_checksum(folder / IMAGES_FILE):  # altered in place, or written before checksums
             return None
         images = np.load(folder / IMAGES_FILE, mmap_mode="c", allow_pickle=False)
-    except (OSError, ValueError):  # missing, truncated or damaged: a miss
+    except (OSError, ValueError, RecursionError):  # missing, truncated or damaged: a miss
         return None
     if list(images.shape) != info.get("shape") or images.dtype != np.uint8:
+        return None
+    if check is not None and not check(info, images.shape):
         return None
     return Entry(images, info, folder)
 
 
-def store(cache_dir: str | os.PathLike, key: str, images: np.ndarray, info: dict) -> Path | None:
+def file_checksum(path: Path) -> str:
+    """CRC-32 of the file's bytes, read a block at a time: about 3.5 GB/s here (15 ms for MNIST's
+    70,000 images), where mapping the file would be slower and would count a streamed set's
+    gigabytes as the process's memory. It finds damage, not forgery: whoever can rewrite the
+    images can rewrite the record beside them too."""
+    crc, block = 0, bytearray(_CHECKSUM_BLOCK)
+    view = memoryview(block)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(block):
+            crc = zlib.crc32(view[:n], crc)
+    return f"crc32:{crc:08x}"
+
+
+def store(
+    cache_dir: str | os.PathLike, key: str, images: np.ndarray, info: dict, check: Callable[[dict, tuple], bool] | None = None
+) -> Path | None:
     """Write an entry atomically; its path, or None when another process wrote the same entry first.
+    An entry already there that fails to ``load`` (with ``check``) is replaced.
 
     Any failure (a full disk, an interrupt) removes the partial entry and is raised.
     """
@@ -87,7 +115,7 @@ def store(cache_dir: str | os.PathLike, key: str, images: np.ndarray, info: dict
         try:
             os.rename(temp, final)  # atomic; refuses to replace an entry that appeared meanwhile
         except OSError:
-            if load(cache_dir, key) is not None:  # another process wrote it first: keep theirs
+            if load(cache_dir, key, check) is not None:  # another process wrote it first: keep theirs
                 shutil.rmtree(temp, ignore_errors=True)
                 return None
             shutil.rmtree(final, ignore_errors=True)  # a damaged entry: replace it
@@ -100,7 +128,7 @@ def store(cache_dir: str | os.PathLike, key: str, images: np.ndarray, info: dict
 
 def _write_entry(folder: Path, images: np.ndarray, info: dict) -> None:
     np.save(folder / IMAGES_FILE, np.ascontiguousarray(images), allow_pickle=False)
-    entry = dict(info, format=FORMAT_VERSION, shape=list(images.shape))
+    entry = dict(info, format=FORMAT_VERSION, shape=list(images.shape), checksum=file_checksum(folder / IMAGES_FILE))
     (folder / ENTRY_FILE).write_text(json.dumps(entry, ensure_ascii=True), encoding="utf-8")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import numpy as np
 
 from ..errors import DataError, UsageError
 from . import cache
-from .images import DecodeSettings, decode_files, parse_image_size
+from .images import DecodeSettings, decode_files, decode_settings
 
 KINDS = ("folder", "csv")
 TRAIN, TEST = 0, 1
@@ -341,26 +342,56 @@ def decode_listing(
     log = log or _log_to_stderr
     key = cache.cache_key(
         listing.names, [listing.labels, listing.sizes, listing.mtimes],
-        dict(settings.to_dict(), kind=listing.kind, classes=listing.classes),
+        dict(settings.to_dict(), kind=listing.kind, classes=listing.classes, max_pixels=settings.max_pixels),
     )
     if key in _RECENT:
         return _RECENT[key]
     folder = Path(cache_dir) if cache_dir else cache.default_cache_dir()
-    entry = None if no_cache else cache.load(folder, key)
-    if entry is not None:
-        info = entry.info
-        collection = Collection(
-            entry.images, np.asarray(info["usable"], dtype=np.int64), [tuple(s) for s in info["skipped"]],
-            info["color"], tuple(info["image_size"]), {"key": key, "hit": True, "path": str(entry.path)},
-        )
-    else:
+    check = functools.partial(_entry_holds_together, files=len(listing.paths), settings=settings)
+    collection = None if no_cache else _cached(folder, key, check)
+    if collection is None:
         collection = _decode(listing, settings, progress, workers)
         collection.cache = {"key": key, "hit": False, "path": None}
         if not no_cache and len(collection.usable):
-            collection.cache["path"] = _store(folder, key, collection, log)
+            collection.cache["path"] = _store(folder, key, collection, log, check)
     _RECENT.clear()
     _RECENT[key] = collection
     return collection
+
+
+def _cached(folder: Path, key: str, check) -> Collection | None:
+    """The cached decode of ``key``, or None (decode again) when there is none or its record lies."""
+    entry = cache.load(folder, key, check)
+    if entry is None:
+        return None
+    info = entry.info
+    return Collection(
+        entry.images, np.asarray(info["usable"], dtype=np.int64), [tuple(s) for s in info["skipped"]],
+        info["color"], tuple(info["image_size"]), {"key": key, "hit": True, "path": str(entry.path)},
+    )
+
+
+def _entry_holds_together(info: dict, shape: tuple, files: int, settings: DecodeSettings) -> bool:
+    """Each of ``files`` is usable or skipped, once; the colour and size are the ones asked for
+    (when asked) and the ones the images have: else a run would record what its images are not."""
+    usable, skipped, color, size = (info.get(k) for k in ("usable", "skipped", "color", "image_size"))
+    if not (isinstance(usable, list) and all(type(i) is int for i in usable)):
+        return False
+    if not (isinstance(skipped, list) and all(_skip_record(s) for s in skipped)):
+        return False
+    if sorted([*usable, *(s[0] for s in skipped)]) != list(range(files)) or usable != sorted(usable):
+        return False
+    if color not in ("gray", "rgb") or settings.color not in (None, color):
+        return False
+    if not (isinstance(size, list) and len(size) == 2 and all(type(d) is int and d > 0 for d in size)):
+        return False
+    if settings.image_size is not None and tuple(size) != tuple(settings.image_size):
+        return False
+    return tuple(shape) == (len(usable), *([3] if color == "rgb" else []), *size)
+
+
+def _skip_record(record) -> bool:
+    return isinstance(record, list) and len(record) == 2 and type(record[0]) is int and isinstance(record[1], str)
 
 
 def _decode(listing: Listing, settings: DecodeSettings, progress, workers) -> Collection:
@@ -370,7 +401,7 @@ def _decode(listing: Listing, settings: DecodeSettings, progress, workers) -> Co
     return Collection(decoded.images, openable[decoded.usable], skipped, decoded.color, decoded.image_size, {})
 
 
-def _store(folder: Path, key: str, collection: Collection, log) -> str | None:
+def _store(folder: Path, key: str, collection: Collection, log, check) -> str | None:
     info = {
         "usable": collection.usable.tolist(),
         "skipped": [list(s) for s in collection.skipped],
@@ -378,7 +409,7 @@ def _store(folder: Path, key: str, collection: Collection, log) -> str | None:
         "image_size": list(collection.image_size),
     }
     try:
-        path = cache.store(folder, key, collection.images, info)
+        path = cache.store(folder, key, collection.images, info, check)
     except OSError as error:  # a full disk or a read-only home costs the next run a decode, nothing more
         log(f"warning: cannot write the image cache in {folder} ({error.strerror or type(error).__name__}); continuing without it")
         return None
@@ -436,6 +467,7 @@ def load_splits(
     color: str | None = None,
     test_fraction: float | None = None,
     seed: int | None = None,
+    max_pixels: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     no_cache: bool = False,
     progress: bool | None = None,
@@ -448,6 +480,7 @@ def load_splits(
     - ``resize``: fit (default), stretch or crop; how an image of another size is brought to it.
     - ``color``: gray or rgb; None: rgb if any image has colour.
     - ``test_fraction`` (0.2), ``seed`` (0): the held-out test split, when there are no given splits.
+    - ``max_pixels`` (``settings.MAX_PIXELS``): larger files are skipped unread, as unusable files are.
     - ``cache_dir`` (default ``$XDG_CACHE_HOME/image-logreg``), ``no_cache``: see ``cache``.
     - ``progress``: a progress bar on stderr (None: when stderr is a terminal); ``workers``:
       decoding processes (None: one per core); ``log``: where warnings go (one line each; stderr).
@@ -456,7 +489,7 @@ def load_splits(
         if split not in SPLIT_NAMES:
             raise UsageError(f"unknown split {split!r}; choose from {', '.join(SPLIT_NAMES)}")
     log = log or _log_to_stderr
-    settings = DecodeSettings(parse_image_size(image_size), resize or "fit", color).check()
+    settings = decode_settings(image_size, resize, color, max_pixels)
     test_fraction = check_test_fraction(0.2 if test_fraction is None else test_fraction)
     seed = 0 if seed is None else int(seed)
     listing = scan_folder(data_dir) if kind == "folder" else scan_csv(data_dir)

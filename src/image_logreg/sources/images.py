@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import UsageError
-from ..preprocess import _FORMATS, numeric_to_unit
+from ..preprocess import _FORMATS, MAX_PIXELS, numeric_to_unit
 
 RESIZE_MODES = ("fit", "stretch", "crop")
 COLORS = ("gray", "rgb")
@@ -49,8 +49,12 @@ class DecodeSettings:
     image_size: tuple[int, int] | None = None  # (H, W); None: the size all images share
     resize: str = "fit"  # fit | stretch | crop, when an image is not image_size already
     color: str | None = None  # gray | rgb; None: rgb if any image has colour
+    # Larger files are skipped unread; not in ``to_dict``: it decides which files are used, not how.
+    max_pixels: int = MAX_PIXELS
 
     def check(self) -> "DecodeSettings":
+        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise UsageError(f"--max-pixels must be a whole number of at least 1, got {self.max_pixels!r}")
         if self.resize not in RESIZE_MODES:
             raise UsageError(f"unknown --resize {self.resize!r}; choose from {', '.join(RESIZE_MODES)}")
         if self.color is not None and self.color not in COLORS:
@@ -63,6 +67,13 @@ class DecodeSettings:
             "resize": self.resize,
             "color": self.color,
         }
+
+
+def decode_settings(image_size, resize: str | None, color: str | None, max_pixels: int | None) -> DecodeSettings:
+    """The settings the folder and CSV options give (None: the default), checked."""
+    return DecodeSettings(
+        parse_image_size(image_size), resize or "fit", color, MAX_PIXELS if max_pixels is None else max_pixels
+    ).check()
 
 
 def parse_image_size(value) -> tuple[int, int] | None:
@@ -159,6 +170,7 @@ def _decode_or_skip(path, settings, expected):
 def _decode(path, settings, expected):
     try:
         with Image.open(path, formats=_FORMATS) as image:
+            _check_pixels(image.size, settings.max_pixels)
             if image.format == "PNG":
                 image.load()  # a PNG's EXIF block may follow its pixels
             orientation = _orientation(image)
@@ -185,6 +197,13 @@ def _decode(path, settings, expected):
         raise Unusable("permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError, IndexError) as error:
         raise Unusable(f"truncated or corrupt image ({_one_line(error)})") from None
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise Unusable(f"{_TOO_LARGE} ({width}x{height}, {width * height:,} pixels; the limit is {max_pixels:,}, "
+                       "see --max-pixels)")
 
 
 def _oriented_size(image: Image.Image, orientation: int) -> tuple[int, int]:
@@ -352,7 +371,9 @@ def _decode_in_chunks(paths, settings, expected, workers):
         return
     # Processes, not threads: opening a small image is mostly Python work under the GIL
     # (measured on the MNIST PNG export: threads were slower than one thread, processes scale).
-    pool = ProcessPoolExecutor(min(workers, len(starts)), mp_context=_pool_context(), initializer=_leave_interrupts_to_parent)
+    pool = ProcessPoolExecutor(
+        min(workers, len(starts)), mp_context=_pool_context(), initializer=_start_worker, initargs=(os.getpid(),)
+    )
     try:
         with warnings.catch_warnings():
             # Python 3.12+ warns that forking a process with threads (torch's) may deadlock the
@@ -365,6 +386,13 @@ def _decode_in_chunks(paths, settings, expected, workers):
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown()
+
+
+def _start_worker(parent_pid: int) -> None:
+    from .workers import die_with_parent
+
+    die_with_parent(parent_pid)
+    _leave_interrupts_to_parent()
 
 
 def _leave_interrupts_to_parent() -> None:

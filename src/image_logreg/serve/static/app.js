@@ -341,16 +341,47 @@
     const probabilities = result.probabilities || [];
     const top = result.top_k && result.top_k.length ? result.top_k[0].index : argmax(probabilities);
     const name = result.label ?? classesOf(state.model)[top];
-    ui.prediction.textContent = name;
+    // A model with a novelty score says when an image is unlike all it learned from: its softmax
+    // is then no answer (a linear model is surest far from its data), only a guess.
+    const rejected = result.rejected === true;
+    setRejected(rejected);
+    ui.prediction.textContent = rejected ? notOneOfWords(state.model) : name;
     ui.prediction.dataset.index = String(top);
-    ui.confidence.textContent = probabilities.length ? `${percent(probabilities[top])} sure` : "";
+    const sure = probabilities.length ? percent(probabilities[top]) : "";
+    ui.confidence.textContent = rejected
+      ? `Its best guess would be ${name}${sure && ` (${sure})`}, but the image looks unlike the ${learnedFrom(state.model)} it learned from.`
+      : sure && `${sure} sure`;
     updateBars(probabilities, top);
     if (result.seen) drawSeen(result.seen);
     if (result.evidence) drawEvidence(result.evidence);
     describeEvidence(name, result.evidence, result.bias);
   }
 
+  function setRejected(rejected) {
+    ui.resultCard.classList.toggle("rejected", rejected);
+    if (rejected) {
+      ui.prediction.dataset.rejected = "true";
+    } else {
+      delete ui.prediction.dataset.rejected;
+    }
+  }
+
+  // "Not a digit?" for a model of things one draws, else about its classes.
+  function notOneOfWords(model) {
+    const subject = SUBJECTS[(model.parameters || {}).dataset];
+    if (subject && subject.drawn) return `Not a ${subject.one}?`;
+    const count = classesOf(model).length;
+    return count ? `Not one of the ${count} classes?` : "Not one of its classes?";
+  }
+
+  function learnedFrom(model) {
+    const dataset = (model.parameters || {}).dataset;
+    const subject = SUBJECTS[dataset];
+    return subject ? subject.many : PHOTOS[dataset] || "images";
+  }
+
   function clearResult() {
+    setRejected(false);
     ui.prediction.textContent = "";
     delete ui.prediction.dataset.index;
     ui.confidence.textContent = "";

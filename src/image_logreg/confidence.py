@@ -1,0 +1,258 @@
+"""Knowing when it does not know: calibrated probabilities, and a score for inputs unlike the
+training images, both fitted after training on images the weights were not fitted to.
+
+Calibration: one temperature T divides the logits before the softmax. It is fitted to the
+validation split's negative log-likelihood (L-BFGS on log T, so T stays positive); it leaves
+every prediction as it was and changes only how sure each one says it is.
+
+Novelty: a linear model is most sure far from its data (a Fashion-MNIST shirt given to an
+MNIST model gets a confident digit), so its softmax cannot say "I don't know". Three cheap
+scores can, and each catches what the others miss:
+- the reconstruction error of an input under the top principal components of the training
+  images (a shirt is far from the digits' subspace);
+- the Mahalanobis distance within that subspace (a digit given to a Fashion-MNIST model lies
+  near its subspace, but in a corner no garment reaches);
+- the energy of the logits, -logsumexp (noise and blobs the classes all dislike);
+- how far the input's amount of ink (the log of its pixel sum) is from the training images'
+  (a dot, kept small by the preprocessing, has a tenth of a digit's ink);
+- how far the input's extent (the longer side of the box around its bright pixels) is from
+  the training images' (an MNIST digit spans 20 pixels, a garment 28, a speck a few).
+Each is put on the scale of its validation values (0 at the median, 1 at the 99.5th
+percentile) and the largest is the score; the threshold is the score's ``keep``
+quantile on the validation split, so that share of images like the training ones is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+COMPONENTS = 100  # principal components kept: enough for digits' strokes, few enough to miss a shirt
+FIT_ROWS = 6_000  # rows the components are estimated from: as good as all of MNIST's, in a tenth of a second
+HELD_OUT_ROWS = 50_000  # validation rows the temperature and threshold are fitted on: plenty, and bounded
+SCALE_QUANTILE = 0.995  # each score's value here on the validation split is its unit
+DEFAULT_KEEP = 0.99
+TEMPERATURES = (0.25, 4.0)  # the range a fitted temperature is kept in
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, iterations: int = 30) -> float:
+    """The T > 0 that minimises the mean cross-entropy of ``softmax(logits / T)`` on ``labels``.
+
+    In b = 1/T the loss mean(logsumexp(b z) - b z_y) is convex, with derivative
+    mean(E_p[z] - z_y) and second derivative mean(Var_p[z]): Newton's method finds its minimum
+    in a few steps of one softmax each, exactly, where a general optimizer would take dozens.
+
+    The temperature is kept within ``TEMPERATURES``: a validation split the model separates
+    perfectly would have it sharpen the probabilities without end.
+    """
+    z = logits.detach().double().cpu()
+    true = z.gather(1, labels.detach().long().cpu()[:, None]).squeeze(1)
+    b = 1.0
+    for _ in range(iterations):
+        p = torch.softmax(b * z, dim=1)
+        expected = (p * z).sum(1)
+        slope = (expected - true).mean().item()
+        curvature = ((p * z * z).sum(1) - expected * expected).mean().item()
+        if not curvature > 0:
+            break
+        step = slope / curvature
+        b = min(max(b - step, b / 4, 1 / TEMPERATURES[1]), 1 / TEMPERATURES[0])  # never past zero, never past the bounds
+        if abs(step) < 1e-9 * b:
+            break
+    temperature = 1.0 / b
+    return temperature if math.isfinite(temperature) else 1.0
+
+
+def energy(logits: torch.Tensor) -> torch.Tensor:
+    """-logsumexp of the logits: low where some class claims the input, high where none does."""
+    return -torch.logsumexp(logits.float(), dim=1)
+
+
+class Novelty:
+    """How unlike the training images an input is; above ``threshold`` it is rejected."""
+
+    SCORES = ("residual", "mahalanobis", "energy", "ink", "extent")
+    # least spread of each score's unit: the extent is whole pixels, and on a set of photographs
+    # that all fill their frame it does not vary at all
+    LEAST_SPREAD = {"extent": 1.0}
+
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor, variances: torch.Tensor, ink: float, extent: float,
+                 image_shape: tuple[int, ...], scales: dict, threshold: float, keep: float):
+        self.mean = mean  # D
+        self.components = components  # D x k, orthonormal columns
+        self.variances = variances  # k: the training images' variance along each component
+        self.ink = float(ink)  # the training images' median log pixel sum
+        self.extent = float(extent)  # the training images' median extent, in pixels
+        self.image_shape = tuple(int(d) for d in image_shape)  # H x W, or 3 x H x W
+        self.scales = scales  # each score's [median, 99.5th percentile] on the validation images
+        self.threshold = float(threshold)
+        self.keep = float(keep)
+
+    @classmethod
+    def fit(cls, x_train: torch.Tensor, x_val: torch.Tensor, val_logits: torch.Tensor, image_shape: tuple[int, ...],
+            keep: float = DEFAULT_KEEP, components: int = COMPONENTS) -> "Novelty":
+        """Components from (up to ``FIT_ROWS`` of) ``x_train``, images of ``image_shape``; scales and
+        threshold from the validation inputs."""
+        rows = x_train.reshape(len(x_train), -1)[:FIT_ROWS].float()
+        mean = rows.mean(0)
+        centred = rows - mean
+        covariance = centred.T @ centred / max(len(rows) - 1, 1)
+        values, vectors = _eigh(covariance)
+        k = max(1, min(components, rows.shape[1] - 1, len(rows) - 1))
+        floor = max(values[-1].item(), 1e-12) * 1e-6  # a flat direction must not divide by zero
+        ink = _log_ink(rows).median().item()
+        extent = float(np.median(_extents(rows.numpy(), image_shape)))
+        novelty = cls(mean, vectors[:, -k:].flip(1).contiguous(), values[-k:].flip(0).clamp(min=floor), ink, extent,
+                      image_shape, {}, 0.0, keep)
+        novelty.scales = {name: _median_and_quantile(raw, cls.LEAST_SPREAD.get(name, 1e-12))
+                          for name, raw in novelty.raw_scores(x_val, val_logits).items()}
+        novelty.threshold = torch.quantile(novelty.score(x_val, val_logits).double(), keep).item()
+        return novelty
+
+    def raw_scores(self, x: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per input: squared distance to the principal subspace (per pixel), squared Mahalanobis
+        distance within it (per component), the logits' energy, and the distance of its log ink
+        from the training images'."""
+        if self.mean.device.type == "cpu":
+            raw = self._raw_numpy(x, logits)
+            return {name: torch.from_numpy(raw[:, k]) for k, name in enumerate(self.SCORES)}
+        rows = x.reshape(len(x), -1).float().to(self.mean.device)
+        centred = rows - self.mean
+        inside = centred @ self.components
+        residual = ((centred * centred).sum(1) - (inside * inside).sum(1)).clamp_(min=0) / centred.shape[1]
+        mahalanobis = (inside * inside / self.variances).mean(1)
+        ink = (_log_ink(rows) - self.ink).abs()
+        extent = torch.from_numpy(np.abs(_extents(rows.cpu().numpy(), self.image_shape) - self.extent)).to(rows.device)
+        return {"residual": residual, "mahalanobis": mahalanobis, "energy": energy(logits).to(residual.device), "ink": ink,
+                "extent": extent}
+
+    def _raw_numpy(self, x: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+        """``raw_scores`` on the CPU as an N x 5 array: numpy's calls cost about a microsecond where
+        torch's cost several, and one served image takes some twenty of them."""
+        mean, components, inverse_variances = self._arrays()
+        rows = x.detach().reshape(len(x), -1).cpu().float().numpy()
+        centred = rows - mean
+        inside = centred @ components
+        inside *= inside
+        raw = np.empty((len(rows), len(self.SCORES)), dtype=np.float32)
+        raw[:, 0] = np.maximum(np.einsum("ij,ij->i", centred, centred) - inside.sum(1), 0) / rows.shape[1]
+        raw[:, 1] = (inside @ inverse_variances) / len(inverse_variances)
+        z = logits.detach().cpu().float().numpy()
+        top = z.max(1)
+        raw[:, 2] = -(top + np.log(np.exp(z - top[:, None]).sum(1)))
+        raw[:, 3] = np.abs(np.log(np.maximum(np.abs(rows).sum(1), 1e-3)) - self.ink)
+        raw[:, 4] = np.abs(_extents(rows, self.image_shape) - self.extent)
+        return raw
+
+    def _units(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each score's median and spread (99.5th percentile less median), in ``SCORES`` order."""
+        units = np.array([self.scales[name] for name in self.SCORES], dtype=np.float64)
+        return units[:, 0], units[:, 1] - units[:, 0]
+
+    def _arrays(self):
+        if getattr(self, "_cached", None) is None:
+            self._cached = (self.mean.cpu().numpy(), self.components.cpu().numpy(), (1 / self.variances).cpu().numpy())
+        return self._cached
+
+    def score(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per input, the largest of the scores in units of their validation spread."""
+        if self.mean.device.type == "cpu":
+            median, spread = self._units()
+            raw = self._raw_numpy(x, logits)
+            return torch.from_numpy(((raw - median) / spread).max(1).astype(np.float32))
+        raw = self.raw_scores(x, logits)
+        return torch.stack([_in_units(raw[name], self.scales[name]) for name in self.SCORES]).amax(0)
+
+    def rejects(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores > self.threshold
+
+    def to(self, device) -> "Novelty":
+        self.mean, self.components, self.variances = (t.to(device) for t in (self.mean, self.components, self.variances))
+        self._cached = None
+        return self
+
+    # --- in a checkpoint: three tensors, the rest as metadata ----------------------------------
+
+    TENSORS = ("novelty.mean", "novelty.components", "novelty.variances")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().cpu().float().contiguous() for name, t in zip(self.TENSORS, (self.mean, self.components, self.variances))}
+
+    def metadata(self) -> dict:
+        return {"scales": self.scales, "threshold": self.threshold, "keep": self.keep, "components": self.components.shape[1],
+                "ink": self.ink, "extent": self.extent}
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict[str, torch.Tensor], meta: dict, image_shape: tuple[int, ...]) -> "Novelty":
+        mean, components, variances = (tensors[name].float() for name in cls.TENSORS)
+        return cls(mean, components, variances, meta["ink"], meta["extent"], image_shape, meta["scales"], meta["threshold"],
+                   meta["keep"])
+
+
+BRIGHT = 0.5  # a pixel at least this bright (0-1) is part of the glyph, for its extent
+
+
+def _extents(rows: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
+    """The longer side, in pixels, of the box around each image's bright pixels (0 for none)."""
+    images = rows.reshape(len(rows), *image_shape)
+    if images.ndim == 4:  # colour: the brightness of its channels together
+        images = images.mean(1)
+    bright = images >= BRIGHT
+    sides = []
+    for axis in (2, 1):  # rows that hold a bright pixel, then columns
+        lit = bright.any(axis)
+        first, last = lit.argmax(1), lit.shape[1] - lit[:, ::-1].argmax(1)
+        sides.append(np.where(lit.any(1), last - first, 0))
+    return np.maximum(*sides).astype(np.float32)
+
+
+def _log_ink(rows: torch.Tensor) -> torch.Tensor:
+    """log of each row's pixel sum (a blank row counts as a tiny one, not minus infinity)."""
+    return rows.abs().sum(1).clamp(min=1e-3).log()
+
+
+def _eigh(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors, in float32 where that converges (three times
+    quicker); a few images of many blank pixels need float64."""
+    try:
+        return torch.linalg.eigh(covariance)
+    except torch.linalg.LinAlgError:
+        values, vectors = torch.linalg.eigh(covariance.double())
+        return values.float(), vectors.float()
+
+
+def _median_and_quantile(values: torch.Tensor, least_spread: float = 1e-12) -> list[float]:
+    values = values.double()
+    median, high = torch.quantile(values, torch.tensor([0.5, SCALE_QUANTILE], dtype=torch.float64)).tolist()
+    return [median, max(high, median + least_spread)]
+
+
+def _in_units(values: torch.Tensor, scale: list[float]) -> torch.Tensor:
+    median, high = scale
+    return (values - median) / (high - median)
+
+
+def calibrate(model, x_train, x_val, y_val, *, keep: float = DEFAULT_KEEP, temperature: bool = True) -> dict:
+    """Fit ``model.temperature`` (unless ``temperature`` is false) and ``model.novelty`` on held-out
+    images; return what was fitted, in figures. Without held-out images (``x_val`` empty) the
+    temperature stays 1 and the novelty threshold is taken on the training images."""
+    from .metrics import logits_of
+
+    held_out = x_val is not None and len(x_val) > 0
+    x_fit_rows = _rows(x_val if held_out else x_train, limit=HELD_OUT_ROWS if held_out else FIT_ROWS)
+    logits = logits_of(model, x_fit_rows)
+    summary = {"held_out": held_out}
+    if temperature and held_out:
+        model.temperature = fit_temperature(logits, y_val[: len(x_fit_rows)])
+        summary["temperature"] = model.temperature
+    model.novelty = Novelty.fit(_rows(x_train, limit=FIT_ROWS), x_fit_rows, logits, model.input_shape, keep=keep).to(model.device)
+    summary.update(threshold=model.novelty.threshold, keep=keep)
+    return summary
+
+
+def _rows(x, limit: int | None = None) -> torch.Tensor:
+    """``x`` (a tensor, or rows streamed from disk) as a float tensor of at most ``limit`` rows."""
+    n = len(x) if limit is None else min(limit, len(x))
+    return x[:n].reshape(n, -1).float()
