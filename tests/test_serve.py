@@ -529,7 +529,10 @@ def test_metadata_lists_the_novelty_outputs_only_for_models_that_have_them(real_
 
 
 def test_infer_rejects_noise_and_accepts_mnist_digits(real_client, real_models, mnist_test_images):
-    digits = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(mnist_test_images)))
+    # without outputs named, the two a model always has; the novelty ones when asked for
+    assert list(outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(mnist_test_images[:2])))) == [
+        "probabilities", "class_index"]
+    digits = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(mnist_test_images, outputs=[{"name": n} for n in ("probabilities", "class_index", "rejected", "ood_score")])))
     assert list(digits) == ["probabilities", "class_index", "rejected", "ood_score"]
     rejected, scores = digits["rejected"], digits["ood_score"]
     assert rejected["datatype"] == "BOOL" and rejected["shape"] == [200] and {type(v) for v in rejected["data"]} == {bool}
@@ -540,7 +543,7 @@ def test_infer_rejects_noise_and_accepts_mnist_digits(real_client, real_models, 
     np.testing.assert_allclose(scores["data"], expected.numpy(), rtol=1e-5, atol=1e-5)
     assert rejected["data"] == [s > served.model.novelty.threshold for s in scores["data"]]
 
-    noise = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(noise_images(16))))
+    noise = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(noise_images(16), outputs=[{"name": n} for n in ("probabilities", "class_index", "rejected", "ood_score")])))
     assert noise["rejected"]["data"] == [True] * 16
     assert min(noise["ood_score"]["data"]) > max(scores["data"])
     # the probabilities are still there: rejecting is the client's call to make
@@ -549,12 +552,12 @@ def test_infer_rejects_noise_and_accepts_mnist_digits(real_client, real_models, 
 
 def test_named_outputs_may_be_the_novelty_ones_alone(real_client, mnist_test_images):
     images = mnist_test_images[:3]
-    everything = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(images)))
+    everything = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(images, outputs=[{"name": n} for n in ("probabilities", "class_index", "rejected", "ood_score")])))
     named = real_client.post("/v2/models/mnist/infer",
                              json=infer_body(images, outputs=[{"name": "ood_score"}, {"name": "rejected"}]))
     assert list(outputs_of(named)) == ["ood_score", "rejected"]
     assert outputs_of(named)["ood_score"] == everything["ood_score"]
-    fp32 = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(images / 255.0, "FP32")))
+    fp32 = outputs_of(real_client.post("/v2/models/mnist/infer", json=infer_body(images / 255.0, "FP32", outputs=[{"name": n} for n in ("probabilities", "class_index", "rejected", "ood_score")])))
     assert fp32["rejected"] == everything["rejected"]
     np.testing.assert_allclose(fp32["ood_score"]["data"], everything["ood_score"]["data"], rtol=1e-4, atol=1e-4)
 

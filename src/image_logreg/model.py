@@ -40,6 +40,14 @@ class LogisticRegression(nn.Module):
             logits = F.linear(x.reshape(x.shape[0], -1), linear.weight, linear.bias)
             return F.softmax(logits if self.temperature == 1.0 else logits / self.temperature, dim=1)
 
+    def proba_and_novelty(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``predict_proba`` and ``novelty_scores`` together, from one product of the weights."""
+        linear = self.linear
+        with torch.no_grad():
+            logits = F.linear(x.reshape(x.shape[0], -1), linear.weight, linear.bias)
+            proba = F.softmax(logits if self.temperature == 1.0 else logits / self.temperature, dim=1)
+            return proba, (None if self.novelty is None else self.novelty.score(x, logits))
+
     @torch.no_grad()
     def novelty_scores(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor | None:
         """How unlike the training images each input is (None without a fitted novelty score)."""

@@ -68,19 +68,20 @@ def predict_images(
     ``meta`` is the checkpoint's metadata: its class names and recorded preprocessing.
     """
     x = prepare_inputs(images_uint8, meta.get("preprocessing"), model.device)  # on the model's device
-    ranked = _ranked(model.predict_proba(x).cpu(), meta["classes"], k)
+    proba, scores = model.proba_and_novelty(x)
+    ranked = _ranked(proba.cpu(), meta["classes"], k)
     results = [{"source": s, "label": r[0]["label"], "top_k": r} for s, r in zip(sources, ranked)]
-    add_novelty(model, x, results)
+    add_novelty(model, scores, results)
     return results
 
 
-def add_novelty(model, x: torch.Tensor, results: list[dict]) -> None:
+def add_novelty(model, scores: torch.Tensor | None, results: list[dict]) -> None:
     """``rejected`` and ``ood_score`` in each result, where the model can tell (old checkpoints cannot)."""
-    scores = model.novelty_scores(x)
     if scores is None:
         return
-    for result, score, rejected in zip(results, scores.tolist(), model.rejects(scores).tolist()):
-        result["rejected"] = rejected
+    threshold = model.novelty.threshold
+    for result, score in zip(results, scores.tolist()):
+        result["rejected"] = score > threshold  # as model.rejects decides, without a tensor operation per image
         result["ood_score"] = score
 
 
@@ -107,5 +108,5 @@ def explain(model: LogisticRegression, images_uint8: torch.Tensor, meta: dict) -
         {"probabilities": p.tolist(), "seen": s.tolist(), "evidence": e.tolist(), "bias": float(b)}
         for p, s, e, b in zip(proba, seen, evidence, bias)
     ]
-    add_novelty(model, x, explained)
+    add_novelty(model, model.novelty_scores(x), explained)
     return explained

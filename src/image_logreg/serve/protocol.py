@@ -175,7 +175,9 @@ def _data(data, shape: list[int], datatype: str, fast: bool = False) -> torch.Te
 
 def _requested_outputs(outputs, served: ServedModel) -> list[str]:
     if outputs is None:
-        return list(served.outputs)
+        # rejected and ood_score are optional outputs, sent when named: scoring an image's novelty
+        # costs half again what the single-image request costs without it
+        return list(OUTPUTS)
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ProtocolError("'outputs' must be a list of objects with a 'name'")
     names = []

@@ -56,11 +56,10 @@ class ServedModel:
         whether it is rejected. The score costs more than the probabilities do for one image, so
         it is only computed when asked for."""
         x = self.inputs(images)
-        proba = self.model.predict_proba(x).cpu()
         if not novelty or self.model.novelty is None:
-            return proba, None, None
-        scores = self.model.novelty_scores(x)
-        return proba, scores.cpu(), self.model.rejects(scores).cpu()
+            return self.model.predict_proba(x).cpu(), None, None
+        proba, scores = self.model.proba_and_novelty(x)
+        return proba.cpu(), scores.cpu(), self.model.rejects(scores).cpu()
 
     def metadata(self) -> dict:
         """Open Inference Protocol model metadata, with the model's own facts as parameters.
