@@ -146,12 +146,14 @@ class Novelty:
         raw[:, 4] = np.abs(_extents(rows, self.image_shape) - self.extent)
         return raw
 
-    def _score_one(self, row: np.ndarray, logits: np.ndarray) -> float:
+    def _score_one(self, row: np.ndarray, logits: np.ndarray, proj: np.ndarray | None = None) -> float:
         """``score`` of one flat image, in as few numpy calls as the arithmetic allows: a served
-        image pays for each call (about a microsecond), not for the arithmetic."""
+        image pays for each call (about a microsecond), not for the arithmetic. ``proj`` is
+        ``projection() @ row``, where the caller has it already."""
         projection, shift, inverse_variances, median, inverse_spread = self._one_row_arrays()
         k = len(inverse_variances)
-        proj = projection @ row  # the k coordinates in the subspace, and row . mean
+        if proj is None:
+            proj = projection @ row  # the k coordinates in the subspace, and row . mean
         inside = proj[:k] - shift
         inside *= inside
         length = float(row @ row)
@@ -173,6 +175,11 @@ class Novelty:
             self._one_row = (np.ascontiguousarray(np.concatenate([components, mean[:, None]], 1).T), mean @ components,
                              inverse_variances, median.tolist(), (1 / spread).tolist())
         return self._one_row
+
+    def projection(self) -> np.ndarray:
+        """The (k + 1) x D matrix whose product with a flat image gives its k coordinates in the
+        subspace (before centring) and its dot product with the mean image."""
+        return self._one_row_arrays()[0]
 
     def _units(self) -> tuple[np.ndarray, np.ndarray]:
         """Each score's median and spread (99.5th percentile less median), in ``SCORES`` order."""
