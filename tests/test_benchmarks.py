@@ -118,3 +118,14 @@ def test_serve_abuse_attacks_and_stops_by_itself(real_data, mnist_run, tmp_path)
 
     figures = json.loads((tmp_path / "abuse.json").read_text())
     assert len(figures["hostile"]) == 6 and all(h["statuses"] == [413] for h in figures["hostile"].values())
+
+
+def test_ood_measures_every_set_against_the_baselines(real_data):
+    """The default runs trained, every set scored by the three scores; the figures themselves are the README's."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ood.py"), "--data-dir", str(real_data)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"max softmax probability", "energy (-logsumexp)", "**image-logreg**", "mnist", "fashion-mnist"} <= set(rows)
+    ours = [float(cell.strip().rstrip("%")) for cell in rows["**image-logreg**"].split("|")[2:-1]]
+    assert ours[0] > 0.99 and ours[1] > 98 and ours[2] > 90  # AUROC, MNIST test kept, Fashion rejected

@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import CHECKPOINT_NAME, load_model
@@ -33,6 +34,7 @@ FIGURES = {
     "mistakes": "report-mistakes.png",
     "samples": "report-samples.png",
     "calibration": "report-calibration.png",
+    "novelty": "report-novelty.png",
 }
 RUN_FILES = ("config.json", "history.json", CHECKPOINT_NAME)
 CALIBRATION_BINS = 15
@@ -60,10 +62,13 @@ def make_report(run_dir, data_dir=None, *, overwrite: bool = True, seed: int = 0
     test = read_eval_data(meta, "test", run / CHECKPOINT_NAME, data_dir, download=download)
     classes = meta["classes"]
 
-    logits = logits_of(model, prepare_inputs(test.images, meta.get("preprocessing"), "cpu"))
-    result = scores_of_logits(logits, test.labels, classes)
-    probs = torch.softmax(logits, dim=1)
+    x_test = prepare_inputs(test.images, meta.get("preprocessing"), "cpu")
+    logits = logits_of(model, x_test)
+    calibrated = logits / model.temperature  # the probabilities predict and serve give
+    result = scores_of_logits(calibrated, test.labels, classes)
+    probs = torch.softmax(calibrated, dim=1)
     calibration = expected_calibration_error(probs, test.labels, CALIBRATION_BINS)
+    uncalibrated = None if model.temperature == 1.0 else expected_calibration_error(torch.softmax(logits, 1), test.labels, CALIBRATION_BINS)
     cm = torch.tensor(result["confusion"])
 
     curves = run / "curves.png"
@@ -75,7 +80,8 @@ def make_report(run_dir, data_dir=None, *, overwrite: bool = True, seed: int = 0
         "confusion": plot_confusion(cm, classes, run / FIGURES["confusion"]),
         "mistakes": plot_mistakes(test.images, test.labels, probs, classes, run / FIGURES["mistakes"]),
         "samples": plot_samples(test.images, test.labels, probs, classes, run / FIGURES["samples"], seed=seed),
-        "calibration": plot_calibration(calibration, run / FIGURES["calibration"]),
+        "calibration": plot_calibration(calibration, run / FIGURES["calibration"], before=uncalibrated),
+        "novelty": plot_novelty(model, x_test, logits, run / FIGURES["novelty"], seed=seed),
     }
     split = _read_json(run / "split.json") if (run / "split.json").is_file() else None
     page = _render_page(run, meta, config, history, split, result, cm, calibration, figures)
@@ -230,8 +236,36 @@ def plot_samples(images, labels, probs, classes: list[str], path, count: int = S
     return plot_grid([images[i].numpy() for i in picks], titles, path, title, colors)
 
 
-def plot_calibration(cal: dict, path) -> Path:
-    """Reliability diagram over a histogram of confidences, sharing the confidence axis."""
+def plot_novelty(model, x_test: torch.Tensor, logits: torch.Tensor, path, seed: int = 0) -> Path:
+    """The novelty scores of the test images against those of uniform noise, and the threshold."""
+    if model.novelty is None:
+        return _message_figure("this checkpoint has no novelty score: it rejects nothing", path)
+    test_scores = model.novelty.score(x_test, logits).numpy()
+    noise = torch.rand(len(x_test[:1000]), *x_test.shape[1:], generator=torch.Generator().manual_seed(seed))
+    noise_scores = model.novelty_scores(noise).numpy()
+    threshold = model.novelty.threshold
+    high = max(float(np.quantile(test_scores, 0.999)), threshold) * 3  # the test images' tail, and past the threshold
+    low = float(test_scores.min())
+    bins = np.linspace(low, high, 61)
+    fig, ax = subplots(figsize=(8, 3.6), layout="constrained")
+    kept = (test_scores <= threshold).mean()
+    ax.hist(np.clip(test_scores, low, high), bins=bins, color="tab:blue", alpha=0.7,
+            label=f"test images ({kept:.1%} accepted)")
+    ax.hist(np.clip(noise_scores, low, high), bins=bins, color="tab:red", alpha=0.6,
+            label=f"uniform noise ({(noise_scores > threshold).mean():.1%} rejected; past the axis drawn at its end)")
+    ax.axvline(threshold, color="black", linestyle="--", lw=1.2, label=f"threshold {threshold:.2f} (keeps {model.novelty.keep:.0%} of validation)")
+    ax.set_yscale("log")
+    ax.set_xlabel("novelty score (largest of its parts, in units of their validation spread)")
+    ax.set_ylabel("images")
+    ax.set_title("How unlike the training images: above the threshold, an input is rejected")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def plot_calibration(cal: dict, path, before: dict | None = None) -> Path:
+    """Reliability diagram over a histogram of confidences, sharing the confidence axis; ``before``,
+    the same without the run's temperature, drawn as a line."""
     edges = cal["edges"]
     lefts, width = edges[:-1], edges[1] - edges[0]
     fig, (ax, ax_hist) = subplots(
@@ -245,10 +279,16 @@ def plot_calibration(cal: dict, path) -> Path:
     ax.bar([x for x, _, _ in filled], [c - a for _, a, c in filled], bottom=[a for _, a, _ in filled], width=width,
            align="edge", facecolor="none", edgecolor="tab:red", hatch="///", lw=1.2, label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    title = f"Reliability diagram ({cal['bins']} bins): ECE = {cal['ece']:.4f}"
+    if before is not None:
+        points = [(c, a) for c, a in zip(before["confidence"], before["accuracy"]) if a is not None]
+        ax.plot([c for c, _ in points], [a for _, a in points], "o-", color="tab:orange", lw=1.2, ms=3,
+                label=f"before the temperature (ECE {before['ece']:.4f})")
+        title += f", {before['ece']:.4f} before the temperature"
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram ({cal['bins']} bins): ECE = {cal['ece']:.4f}")
+    ax.set_title(title)
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     ax_hist.bar(lefts, cal["count"], width=width, align="edge", color="gray", edgecolor="white")
@@ -315,6 +355,9 @@ def _render_page(run, meta, config, history, split, result, cm, cal, figures) ->
         f"{e(calibration_reading(cal))} Test loss (negative log-likelihood) {result['loss']:.4f}, "
         f"test accuracy {result['accuracy']:.4f}.</p>",
         _img(figures["calibration"], "reliability diagram and histogram of confidences"),
+        "<h2>Unlike the training images</h2>",
+        _novelty_reading(meta),
+        _img(figures["novelty"], "novelty scores of the test images and of noise, with the threshold"),
         "<h2>Configuration</h2>",
         _table(["setting", "value"], [(k, _setting(v)) for k, v in config.items()]),
     ]
@@ -323,6 +366,19 @@ def _render_page(run, meta, config, history, split, result, cm, cal, figures) ->
     return (
         f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{e(title)}</title>\n'
         f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def _novelty_reading(meta: dict) -> str:
+    novelty = meta.get("novelty")
+    if not novelty:
+        return "<p>This checkpoint was made before image-logreg could tell: it answers every input.</p>"
+    return (
+        f"<p>An input whose novelty score is above {novelty['threshold']:.3f} is rejected as unlike the training "
+        f"images: predict says <i>not recognised</i>, the server's <code>rejected</code> is true and the page asks "
+        f"whether it is one of the classes at all. The threshold accepts {novelty['keep']:.0%} of the validation "
+        f"images; the probabilities are divided by a temperature of {meta.get('temperature', 1.0):.3f} before the "
+        f"softmax.</p>"
     )
 
 
