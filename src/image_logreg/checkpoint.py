@@ -81,8 +81,6 @@ def load_model(
         tensors = _read_state_dict(path)
         meta = _tutorial_metadata(dataset or "mnist")
     model = _build(path, tensors, meta)
-    if model.novelty is not None:
-        model.novelty.to(device)
     return model.to(device).eval(), meta
 
 

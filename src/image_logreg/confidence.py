@@ -2,11 +2,11 @@
 training images, both fitted after training on images the weights were not fitted to.
 
 Calibration: one temperature T divides the logits before the softmax. It is fitted to the
-validation split's negative log-likelihood (L-BFGS on log T, so T stays positive); it leaves
-every prediction as it was and changes only how sure each one says it is.
+validation split's negative log-likelihood (Newton's method on 1/T); it leaves every
+prediction as it was and changes only how sure each one says it is.
 
 Novelty: a linear model is most sure far from its data (a Fashion-MNIST shirt given to an
-MNIST model gets a confident digit), so its softmax cannot say "I don't know". Three cheap
+MNIST model gets a confident digit), so its softmax cannot say "I don't know". Five cheap
 scores can, and each catches what the others miss:
 - the reconstruction error of an input under the top principal components of the training
   images (a shirt is far from the digits' subspace);
@@ -20,6 +20,9 @@ scores can, and each catches what the others miss:
 Each is put on the scale of its validation values (0 at the median, 1 at the 99.5th
 percentile) and the largest is the score; the threshold is the score's ``keep``
 quantile on the validation split, so that share of images like the training ones is accepted.
+The scores are computed on the CPU, in numpy, whatever the model's device: the extent is a
+look-up no faster on a GPU, and one served image is a few dozen calls that cost a microsecond
+each in numpy where a torch operation costs several.
 """
 
 from __future__ import annotations
@@ -95,42 +98,27 @@ class Novelty:
             keep: float = DEFAULT_KEEP, components: int = COMPONENTS) -> "Novelty":
         """Components from (up to ``FIT_ROWS`` of) ``x_train``, images of ``image_shape``; scales and
         threshold from the validation inputs."""
-        rows = x_train.reshape(len(x_train), -1)[:FIT_ROWS].float()
+        rows = _rows(x_train, limit=FIT_ROWS).cpu()
         mean = rows.mean(0)
         centred = rows - mean
         covariance = centred.T @ centred / max(len(rows) - 1, 1)
         values, vectors = _eigh(covariance)
         k = max(1, min(components, rows.shape[1] - 1, len(rows) - 1))
         floor = max(values[-1].item(), 1e-12) * 1e-6  # a flat direction must not divide by zero
-        ink = _log_ink(rows).median().item()
+        ink = float(np.median(_log_ink(rows.numpy())))
         extent = float(np.median(_extents(rows.numpy(), image_shape)))
         novelty = cls(mean, vectors[:, -k:].flip(1).contiguous(), values[-k:].flip(0).clamp(min=floor), ink, extent,
                       image_shape, {}, 0.0, keep)
-        novelty.scales = {name: _median_and_quantile(raw, cls.LEAST_SPREAD.get(name, 1e-12))
-                          for name, raw in novelty.raw_scores(x_val, val_logits).items()}
+        raw = novelty._raw(x_val, val_logits)
+        novelty.scales = {name: _median_and_quantile(raw[:, k], cls.LEAST_SPREAD.get(name, 1e-12))
+                          for k, name in enumerate(cls.SCORES)}
         novelty.threshold = torch.quantile(novelty.score(x_val, val_logits).double(), keep).item()
         return novelty
 
-    def raw_scores(self, x: torch.Tensor, logits: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per input: squared distance to the principal subspace (per pixel), squared Mahalanobis
-        distance within it (per component), the logits' energy, and the distance of its log ink
-        from the training images'."""
-        if self.mean.device.type == "cpu":
-            raw = self._raw_numpy(x, logits)
-            return {name: torch.from_numpy(raw[:, k]) for k, name in enumerate(self.SCORES)}
-        rows = x.reshape(len(x), -1).float().to(self.mean.device)
-        centred = rows - self.mean
-        inside = centred @ self.components
-        residual = ((centred * centred).sum(1) - (inside * inside).sum(1)).clamp_(min=0) / centred.shape[1]
-        mahalanobis = (inside * inside / self.variances).mean(1)
-        ink = (_log_ink(rows) - self.ink).abs()
-        extent = torch.from_numpy(np.abs(_extents(rows.cpu().numpy(), self.image_shape) - self.extent)).to(rows.device)
-        return {"residual": residual, "mahalanobis": mahalanobis, "energy": energy(logits).to(residual.device), "ink": ink,
-                "extent": extent}
-
-    def _raw_numpy(self, x: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
-        """``raw_scores`` on the CPU as an N x 5 array: numpy's calls cost about a microsecond where
-        torch's cost several, and one served image takes some twenty of them."""
+    def _raw(self, x: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
+        """Each input's raw scores, in ``SCORES`` order (N x 5): squared distance to the principal
+        subspace (per pixel), squared Mahalanobis distance within it (per component), the logits'
+        energy, and the distances of its log ink and its extent from the training images'."""
         mean, components, inverse_variances = self._arrays()
         rows = x.detach().reshape(len(x), -1).cpu().float().numpy()
         centred = rows - mean
@@ -142,7 +130,7 @@ class Novelty:
         z = logits.detach().cpu().float().numpy()
         top = z.max(1)
         raw[:, 2] = -(top + np.log(np.exp(z - top[:, None]).sum(1)))
-        raw[:, 3] = np.abs(np.log(np.maximum(np.abs(rows).sum(1), 1e-3)) - self.ink)
+        raw[:, 3] = np.abs(_log_ink(rows) - self.ink)
         raw[:, 4] = np.abs(_extents(rows, self.image_shape) - self.extent)
         return raw
 
@@ -150,7 +138,7 @@ class Novelty:
         """``score`` of one flat image, in as few numpy calls as the arithmetic allows: a served
         image pays for each call (about a microsecond), not for the arithmetic. ``proj`` is
         ``projection() @ row``, where the caller has it already."""
-        projection, shift, inverse_variances, median, inverse_spread = self._one_row_arrays()
+        projection, shift, mean_length, inverse_variances, median, inverse_spread = self._one_row_arrays()
         k = len(inverse_variances)
         if proj is None:
             proj = projection @ row  # the k coordinates in the subspace, and row . mean
@@ -158,7 +146,7 @@ class Novelty:
         inside *= inside
         length = float(row @ row)
         squared = float(inside.sum())
-        residual = max(length - 2 * float(proj[k]) + self._mean_length - squared, 0.0) / len(row)
+        residual = max(length - 2 * float(proj[k]) + mean_length - squared, 0.0) / len(row)
         mahalanobis = float(inside @ inverse_variances) / k
         top = float(logits.max())
         low_energy = -(top + math.log(float(np.exp(logits - top).sum())))
@@ -171,9 +159,8 @@ class Novelty:
         if getattr(self, "_one_row", None) is None:
             mean, components, inverse_variances = self._arrays()
             median, spread = self._units()
-            self._mean_length = float(mean @ mean)
             self._one_row = (np.ascontiguousarray(np.concatenate([components, mean[:, None]], 1).T), mean @ components,
-                             inverse_variances, median.tolist(), (1 / spread).tolist())
+                             float(mean @ mean), inverse_variances, median.tolist(), (1 / spread).tolist())
         return self._one_row
 
     def projection(self) -> np.ndarray:
@@ -188,28 +175,19 @@ class Novelty:
 
     def _arrays(self):
         if getattr(self, "_cached", None) is None:
-            self._cached = (self.mean.cpu().numpy(), self.components.cpu().numpy(), (1 / self.variances).cpu().numpy())
+            self._cached = (self.mean.numpy(), self.components.numpy(), (1 / self.variances).numpy())
         return self._cached
 
     def score(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Per input, the largest of the scores in units of their validation spread."""
-        if self.mean.device.type == "cpu":
-            if len(x) == 1 and x.dtype == torch.float32 and logits.dtype == torch.float32:
-                row, z = x.detach().cpu().reshape(-1).numpy(), logits.detach().cpu().reshape(-1).numpy()
-                return torch.from_numpy(np.array([self._score_one(row, z)], dtype=np.float32))
-            median, spread = self._units()
-            raw = self._raw_numpy(x, logits)
-            return torch.from_numpy(((raw - median) / spread).max(1).astype(np.float32))
-        raw = self.raw_scores(x, logits)
-        return torch.stack([_in_units(raw[name], self.scales[name]) for name in self.SCORES]).amax(0)
+        """Per input, the largest of the scores in units of their validation spread (on the CPU)."""
+        if len(x) == 1 and x.dtype == torch.float32 and logits.dtype == torch.float32:
+            row, z = x.detach().cpu().reshape(-1).numpy(), logits.detach().cpu().reshape(-1).numpy()
+            return torch.from_numpy(np.array([self._score_one(row, z)], dtype=np.float32))
+        median, spread = self._units()
+        return torch.from_numpy(((self._raw(x, logits) - median) / spread).max(1).astype(np.float32))
 
     def rejects(self, scores: torch.Tensor) -> torch.Tensor:
         return scores > self.threshold
-
-    def to(self, device) -> "Novelty":
-        self.mean, self.components, self.variances = (t.to(device) for t in (self.mean, self.components, self.variances))
-        self._cached = self._one_row = None
-        return self
 
     # --- in a checkpoint: three tensors, the rest as metadata ----------------------------------
 
@@ -249,9 +227,9 @@ def _extents(rows: np.ndarray, image_shape: tuple[int, ...]) -> np.ndarray:
     return np.maximum(*sides).astype(np.float32)
 
 
-def _log_ink(rows: torch.Tensor) -> torch.Tensor:
+def _log_ink(rows: np.ndarray) -> np.ndarray:
     """log of each row's pixel sum (a blank row counts as a tiny one, not minus infinity)."""
-    return rows.abs().sum(1).clamp(min=1e-3).log()
+    return np.log(np.maximum(np.abs(rows).sum(1), 1e-3))
 
 
 def _eigh(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,15 +242,9 @@ def _eigh(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return values.float(), vectors.float()
 
 
-def _median_and_quantile(values: torch.Tensor, least_spread: float = 1e-12) -> list[float]:
-    values = values.double()
-    median, high = torch.quantile(values, torch.tensor([0.5, SCALE_QUANTILE], dtype=torch.float64)).tolist()
+def _median_and_quantile(values: np.ndarray, least_spread: float = 1e-12) -> list[float]:
+    median, high = np.quantile(values.astype(np.float64), [0.5, SCALE_QUANTILE]).tolist()
     return [median, max(high, median + least_spread)]
-
-
-def _in_units(values: torch.Tensor, scale: list[float]) -> torch.Tensor:
-    median, high = scale
-    return (values - median) / (high - median)
 
 
 def calibrate(model, x_train, x_val, y_val, *, keep: float = DEFAULT_KEEP, temperature: bool = True) -> dict:
@@ -288,7 +260,7 @@ def calibrate(model, x_train, x_val, y_val, *, keep: float = DEFAULT_KEEP, tempe
     if temperature and held_out:
         model.temperature = fit_temperature(logits, y_val[: len(x_fit_rows)])
         summary["temperature"] = model.temperature
-    model.novelty = Novelty.fit(_rows(x_train, limit=FIT_ROWS), x_fit_rows, logits, model.input_shape, keep=keep).to(model.device)
+    model.novelty = Novelty.fit(x_train, x_fit_rows, logits, model.input_shape, keep=keep)
     summary.update(threshold=model.novelty.threshold, keep=keep)
     return summary
 
