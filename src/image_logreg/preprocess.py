@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from image_logreg.errors import ImageError, ImageTooLargeError
-from image_logreg.settings import MAX_PIXELS
+from .errors import ImageError, ImageTooLargeError
+from .settings import MAX_PIXELS
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 # Pillow's decoders for those suffixes (JPEG also opens phones' MPO files). Other

@@ -63,12 +63,14 @@ def create_app(
     max_body: int = MAX_BODY,
     max_images: int = MAX_IMAGES,
     max_pixels: int = MAX_PIXELS,
+    body_timeout: float | None = None,
+    max_buffered: int | None = None,
     cors_origins: list[str] | None = None,
     log=None,
 ) -> Guard:
     """The ASGI application serving ``models``. ``token`` set: every API request needs it.
     ``max_pixels``: the largest image decoded; a request's images may hold ``REQUEST_PIXELS_FACTOR``
-    times that together."""
+    times that together. ``body_timeout`` and ``max_buffered``: see ``Guard`` (None: no limit)."""
     metrics = Metrics()
     app = FastAPI(
         # a redirect for a trailing slash would build its URL from the client's Host header
@@ -153,7 +155,8 @@ def create_app(
     _document_request_schema(app)
 
     routes = {route.name: route for route in app.routes if getattr(route, "name", None) in HotRoutes.NAMES}
-    guarded = Guard(HotRoutes(app, inference, routes), metrics=metrics, token=token, max_body=max_body, log=log)
+    guarded = Guard(HotRoutes(app, inference, routes), metrics=metrics, token=token, max_body=max_body,
+                    body_timeout=body_timeout, max_buffered=max_buffered, log=log)
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

@@ -22,25 +22,24 @@ SWEEP_SECONDS = 0.5
 
 
 class Guard:
-    def __init__(self, app, *, metrics: Metrics, token: str | None, max_body: int, log=None):
+    def __init__(self, app, *, metrics: Metrics, token: str | None, max_body: int, body_timeout: float | None = None,
+                 max_buffered: int | None = None, log=None):
+        """A request's whole body must arrive within ``body_timeout`` seconds (else 408), and the
+        bodies of all requests in flight may hold ``max_buffered`` bytes together (else 503);
+        None: no such limit."""
         self.app = app
         self.metrics = metrics
         self.token = token.encode() if token else None
         self.max_body = max_body
         self.log = log if log is not None else _stderr_line
-        self.body_timeout: float | None = None
-        self.max_buffered: int | None = None
+        self.body_timeout = body_timeout
+        self.max_buffered = max_buffered
         self.buffered = 0  # bytes of request bodies held by requests in flight, all together
         self._deadlines: dict[asyncio.Task, float] = {}
         self._timed_out: set[asyncio.Task] = set()
         self._sweeping = False
         self._routes = None
 
-    def limit(self, *, body_timeout: float | None, max_buffered: int | None) -> None:
-        """A request's whole body must arrive within ``body_timeout`` seconds (else 408), and the
-        bodies of all requests in flight may hold ``max_buffered`` bytes together (else 503)."""
-        self.body_timeout = body_timeout
-        self.max_buffered = max_buffered
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -175,13 +174,6 @@ class Guard:
 
 
 RETRY_SOON = [(b"retry-after", b"1")]
-
-
-def guard_of(app) -> Guard:
-    """The Guard inside the ASGI app ``create_app`` made (CORS may wrap it)."""
-    while not isinstance(app, Guard):
-        app = app.app
-    return app
 
 
 def _routes_behind(app) -> list:

@@ -168,7 +168,6 @@ def serve(
     from ..train import resolve_device
     from .app import MAX_BODY, MAX_IMAGES, MAX_PIXELS, create_app
     from .connections import protocol_class
-    from .guard import guard_of
     from .registry import load_models
 
     token = read_token(token_file)
@@ -186,8 +185,8 @@ def serve(
     # Requests are small: one thread each answers faster than several sharing one product.
     torch.set_num_threads(1)
     app = create_app(models, token=token, max_body=max_body or MAX_BODY, max_images=max_images or MAX_IMAGES,
-                     max_pixels=max_pixels or MAX_PIXELS, cors_origins=cors_origins)
-    guard_of(app).limit(body_timeout=body_timeout, max_buffered=max_buffered)
+                     max_pixels=max_pixels or MAX_PIXELS, body_timeout=body_timeout, max_buffered=max_buffered,
+                     cors_origins=cors_origins)
     sock = bind(host, port)
     url = url_for(sock)
     for model in models.values():
