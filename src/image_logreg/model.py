@@ -90,6 +90,22 @@ class LogisticRegression(nn.Module):
         """Which of ``novelty_scores``' inputs are too unlike the training images to answer for."""
         return None if scores is None else self.novelty.rejects(scores)
 
+    def partial_fit(self, x: torch.Tensor, y: torch.Tensor, **steps) -> "LogisticRegression":
+        """Learn from ``(x, y)`` starting from the current weights, as scikit-learn's ``partial_fit``:
+        the classes are the model's own, so any subset of them may appear. ``steps``: the keywords of
+        ``learn.gradient_steps`` (``steps``, ``lr``, ``sample_weight``, ``max_change``)."""
+        from .errors import UsageError
+        from .learn import gradient_steps
+
+        if len(x) != len(y) or len(y) == 0:
+            raise UsageError(f"partial_fit needs as many labels as images, and at least one ({len(x)} images, {len(y)} labels)")
+        if tuple(x.shape[1:]) != self.input_shape and x[0].numel() != math.prod(self.input_shape):
+            raise UsageError(f"images of shape {tuple(x.shape[1:])} do not fit the model's input {self.input_shape}")
+        if int(y.min()) < 0 or int(y.max()) >= self.num_classes:
+            raise UsageError(f"labels must be class indices 0..{self.num_classes - 1}; got {int(y.min())}..{int(y.max())}")
+        gradient_steps(self, x, y, **steps)
+        return self
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).argmax(dim=1)
