@@ -63,3 +63,23 @@ def _clip_change(weight, bias, start, max_change: float) -> None:
         scale = max_change / norm
         weight.copy_(start[0] + dw * scale)
         bias.copy_(start[1] + db * scale)
+
+
+# Folders of labelled images (``learn``'s input, the server's stored corrections) are named after
+# the model's classes, as ``--dataset folder`` names classes after folders.
+def class_folder(classes: list[str], index: int) -> str:
+    """The folder for class ``index``: its name when that is a safe folder name, else the index."""
+    name = classes[index]
+    safe = name and name.strip() == name and name not in (".", "..") and not any(c in name for c in '/\\\0:*?"<>|')
+    return name if safe else str(index)
+
+
+def class_of_folder(classes: list[str], folder: str) -> int | None:
+    """The class a folder holds: named as ``class_folder`` names it, by the class's index, or by the
+    first word of a name such as MNIST's ``7 - seven``; None when it names no class."""
+    if folder in classes:
+        return classes.index(folder)
+    if folder.isdigit() and int(folder) < len(classes):
+        return int(folder)
+    heads = [c.split(" - ")[0] for c in classes]
+    return heads.index(folder) if heads.count(folder) == 1 else None

@@ -410,31 +410,34 @@ def evaluate_model(model, meta: dict, data: ImageSet, device="cpu") -> dict:
 
 
 def eval_data(meta: dict, split: str, data_dir, checkpoint: Path, download: bool = True) -> ImageSet:
-    """The test set, or the run's own validation set (read back from its ``split.json``).
+    """The test set, or the run's own validation or training set (read back from its ``split.json``).
 
     A folder or CSV is loaded with the run's recorded options, and each split holds exactly
     the files it held in training (``source.json``), wherever the files fall now.
     """
-    if split not in ("test", "val"):
-        raise UsageError(f"unknown split {split!r}; choose from test, val")
+    if split not in ("test", "val", "train"):
+        raise UsageError(f"unknown split {split!r}; choose from test, val, train")
     checkpoint = Path(checkpoint)
+    split_file = checkpoint.parent / "split.json"
+    indices = None  # train without split.json: the whole training set
     if split == "val":
-        split_file = checkpoint.parent / "split.json"
         if not split_file.is_file():
             raise UsageError(f"--split val needs the run's split.json beside {checkpoint.name}; none in {checkpoint.parent}")
         indices = torch.tensor(read_json(split_file)["val_indices"], dtype=torch.long)
         if not len(indices):
             raise UsageError(f"{checkpoint.parent} has no validation split: it was trained with --val-fraction 0; use --split test")
+    elif split == "train" and split_file.is_file():
+        indices = torch.tensor(read_json(split_file)["train_indices"], dtype=torch.long)
     name = meta["dataset"]
     if name in FOLDER_KINDS:
         data = _recorded_split(meta, "test" if split == "test" else "train", data_dir, checkpoint)
     else:
         data = load_split(name, data_dir, "test" if split == "test" else "train", download=download)
-    if split == "test":
+    if indices is None:
         return data
-    if int(indices.max()) >= len(data):
+    if len(indices) and int(indices.max()) >= len(data):
         raise UsageError(f"{checkpoint.parent / 'split.json'} does not match the {name} training set in {data_dir}")
-    return ImageSet(data.images[indices], data.labels[indices], data.classes, data.dataset, "val", source=data.source)
+    return ImageSet(data.images[indices], data.labels[indices], data.classes, data.dataset, split, source=data.source)
 
 
 def _recorded_split(meta: dict, split: str, data_dir, checkpoint: Path) -> ImageSet:
