@@ -179,6 +179,36 @@ def test_tight_crop_with_strokes_touching_the_edges(paper):
     assert np.abs(digit.astype(int) - loose).mean() < 6
 
 
+@pytest.mark.parametrize("tone", [150, 90])
+def test_photo_pasted_on_a_page_and_drawn_over_keeps_only_the_strokes_as_ink(tone):
+    """The page pastes an uploaded photo onto its white pad (4:3 here, so white bars above and below)
+    and the user draws over it: the photo's gray paper is paper, not a block of ink; the photo's 7
+    and the drawn stroke are both ink, as if drawn on one white page."""
+    rng = np.random.default_rng(1)
+    seven = draw_seven()[10:210]  # 200 x 160: a dark 7 on white
+    photo = np.full((210, 280), tone, np.float32)
+    photo[5:205, 60:220] = np.where(seven < 128, 30, tone)
+    photo = np.clip(photo + rng.normal(0, 4, photo.shape), 0, 255)
+    pad = np.full((280, 280), 255, np.float32)
+    pad[35:245] = photo
+    on_white = np.full((280, 280), 255, np.float32)
+    on_white[40:240, 60:220] = np.where(seven < 128, 30, 255)
+    for page in (pad, on_white):
+        page[20:150, 232:244] = 17  # the stroke drawn over the top bar and the photo
+    digit = normalize_digit(pad / 255)
+    expected = normalize_digit(on_white / 255)
+    assert_mnist_like(digit)
+    ink, want = digit > 64, expected > 64
+    # the same strokes, not a gray block; the centre of mass may move a pixel, the 7 being fainter
+    overlap = max(overlap_of(np.roll(ink, (dy, dx), axis=(0, 1)), want) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+    assert overlap > 0.8
+    assert ink[:, 18:].sum() > 0.15 * ink.sum()  # the stroke, right of the 7, is there
+
+
+def overlap_of(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / (a | b).sum()
+
+
 def test_aspect_ratio_is_kept():
     page = np.ones((300, 200), np.float32)
     page[40:160, 120:132] = 0  # a stroke 120 tall, 12 wide
