@@ -255,6 +255,7 @@ METADATA_SCHEMA = {
     "novelty.components": Field(_whole(1, 2**31), "a positive whole number", required=_has_novelty),
     "novelty.ink": Field(_finite, "a finite number", required=_has_novelty),
     "novelty.extent": Field(_finite, "a finite number", required=_has_novelty),
+    "novelty.combine": Field(lambda v: v in Novelty.COMBINE, " or ".join(Novelty.COMBINE)),
 }
 
 
