@@ -1,6 +1,8 @@
 """Run a notebook top to bottom in a fresh kernel and, if asked, save it with its outputs.
 
-    .venv/bin/python notebooks/execute.py                      # re-runs walkthrough.ipynb in place
+    .venv/bin/pip install -e '.[notebook]'                     # nbclient, nbformat, ipykernel
+    .venv/bin/python notebooks/execute.py                      # runs walkthrough.ipynb; saves nothing
+    .venv/bin/python notebooks/execute.py --in-place           # ... and saves it with its outputs
     .venv/bin/python notebooks/execute.py --data-dir DIR       # with IMAGE_LOGREG_DATA=DIR
 
 The kernel is the Python running this script (the project's venv, with image-logreg installed),
@@ -12,6 +14,7 @@ CellExecutionError. The tests execute the notebook through the same function.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -83,15 +86,26 @@ def execute_notebook(path: str | os.PathLike, data_dir: str | os.PathLike | None
     return nb
 
 
+NEEDS = ("nbclient", "nbformat", "ipykernel")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Execute a notebook and save it with its outputs.")
+    parser = argparse.ArgumentParser(description="Execute a notebook top to bottom; save it with its outputs if asked.")
     parser.add_argument("notebook", nargs="?", default=str(NOTEBOOK), help="the notebook (default: %(default)s)")
     parser.add_argument("--data-dir", help="the data folder, passed as IMAGE_LOGREG_DATA (default: the notebook's own search)")
-    parser.add_argument("--out", help="where to save the executed notebook (default: in place)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--in-place", action="store_true", help="save the executed notebook over the one run")
+    where.add_argument("--out", help="save the executed notebook here (default: saved nowhere)")
     args = parser.parse_args(argv)
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"error: running a notebook needs {', '.join(missing)}: pip install -e '.[notebook]'", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    execute_notebook(args.notebook, args.data_dir, args.out or args.notebook)
-    print(f"executed {args.notebook} in {time.perf_counter() - start:.1f} s; saved to {args.out or args.notebook}")
+    out = args.notebook if args.in_place else args.out
+    execute_notebook(args.notebook, args.data_dir, out)
+    saved = f"saved to {out}" if out else "saved nowhere (--in-place or --out PATH to keep its outputs)"
+    print(f"executed {args.notebook} in {time.perf_counter() - start:.1f} s; {saved}")
     return 0
 
 

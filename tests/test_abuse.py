@@ -207,7 +207,7 @@ def test_train_takes_max_pixels_for_folders_only(capsys, tmp_path, toy_data):
     assert code == 0, err
     assert "warning: skipped a/bigger.png: image too large (20x20, 400 pixels; the limit is 200" in err
     code, _, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", tmp_path / "mnist", "--max-pixels", 100)
-    assert code == 2 and "--max-pixels apply to --dataset folder and csv only" in err
+    assert code == 2 and "--max-pixels applies to --dataset folder and csv only" in err
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -132,3 +132,15 @@ def test_lying_metadata_is_refused_by_predict_and_serve(tmp_path, capsys, fields
     assert out == "" and len(err.strip().splitlines()) == 1 and f"field {named} " in err and "Traceback" not in err
     with pytest.raises(CheckpointError, match=f"field {named} "):
         load_models([f"m={path}"])
+
+
+def test_a_folder_that_is_not_a_run_is_named_as_such(tmp_path):
+    from image_logreg.checkpoint import resolve_checkpoint
+    from image_logreg.errors import CheckpointError
+
+    (tmp_path / "runs" / "mnist-1").mkdir(parents=True)
+    (tmp_path / "runs" / "mnist-1" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="a folder, but not a run directory .*runs such as mnist-1"):
+        resolve_checkpoint(tmp_path / "runs")
+    with pytest.raises(CheckpointError, match="no such checkpoint file or run directory"):
+        resolve_checkpoint(tmp_path / "nothing")

@@ -100,3 +100,21 @@ def test_walkthrough_runs_top_to_bottom(real_data, tmp_path):
     # samples, curves, test image, drawing, confusion matrix, weight templates, sweep
     assert _figures(nb) >= 7
     assert _text(nbformat.read(out, as_version=4)) == text  # saved with its outputs
+
+
+def test_execute_saves_nothing_unless_asked(tmp_path, capsys, monkeypatch):
+    nb = new_notebook(cells=[new_code_cell("x = 1 + 1\nx")])
+    path = tmp_path / "small.ipynb"
+    nbformat.write(nb, str(path))
+    before = path.read_bytes()
+    assert execute.main([str(path)]) == 0
+    assert path.read_bytes() == before and "saved nowhere" in capsys.readouterr().out
+    assert execute.main([str(path), "--in-place"]) == 0
+    assert nbformat.read(str(path), as_version=4).cells[0].outputs[0]["data"]["text/plain"] == "2"
+
+
+def test_execute_without_the_notebook_extra_says_what_to_install(tmp_path, capsys, monkeypatch):
+    real = execute.importlib.util.find_spec
+    monkeypatch.setattr(execute.importlib.util, "find_spec", lambda name: None if name == "nbclient" else real(name))
+    assert execute.main([str(tmp_path / "any.ipynb")]) == 2
+    assert "pip install -e '.[notebook]'" in capsys.readouterr().err

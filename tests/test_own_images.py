@@ -164,6 +164,10 @@ def test_held_out_split_is_the_same_test_images_later(tmp_path, capsys):
 
     first = cli_json(capsys, "evaluate", run)
     assert first["n"] == 9
+    shown, _ = cli_ok(capsys, "evaluate", run, "--json")
+    assert len(shown.splitlines()) < 40  # each list of numbers on one line
+    matrix = cli_ok(capsys, "evaluate", run)[0].split("confusion matrix")[1].splitlines()
+    assert [line.split()[:2] for line in matrix[2:5]] == [["0", "class000"], ["1", "class001"], ["2", "class002"]]
     # Files added since training reshuffle a fresh held-out split; evaluate keeps the run's own.
     for k in range(10, 16):
         Image.fromarray(pattern(0, True, seed=500 + k)).save(data / "class000" / f"{k}.png")
@@ -262,9 +266,9 @@ def test_show_draws_colour_samples(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, says",
     [
-        (["--image-size", "8x8"], "--image-size apply to --dataset folder and csv only, not mnist"),
-        (["--dataset", "kmnist", "--test-fraction", "0.1"], "--test-fraction apply to --dataset folder and csv only"),
-        (["--dataset", "cifar10", "--resize", "crop"], "--resize apply to --dataset folder and csv only"),
+        (["--image-size", "8x8"], "--image-size applies to --dataset folder and csv only, not mnist"),
+        (["--dataset", "kmnist", "--test-fraction", "0.1"], "--test-fraction applies to --dataset folder and csv only"),
+        (["--dataset", "cifar10", "--resize", "crop"], "--resize applies to --dataset folder and csv only"),
         (["--dataset", "cifar10", "--deskew"], "--deskew works on grayscale images only; cifar10 is colour"),
         (["--dataset", "folder", "--color", "rgb", "--deskew"], "--deskew works on grayscale images only"),
         (["--dataset", "folder", "--image-size", "8y8"], "--image-size must be HxW"),

@@ -578,7 +578,7 @@ def test_logistic_regression_on_colour_images_and_deskew_refused(tmp_path):
 
 
 def test_dispatch_and_options(tmp_path, toy_data):
-    with pytest.raises(UsageError, match="--image-size apply to --dataset folder and csv only"):
+    with pytest.raises(UsageError, match="--image-size applies to --dataset folder and csv only"):
         load_split("mnist", toy_data, "train", download=False, image_size=32)
     with pytest.raises(UsageError, match="cifar10"):
         load_split("cifar10", toy_data, "train", download=False, color="gray")
@@ -641,15 +641,32 @@ def test_emnist_balanced_and_digits(tmp_path):
         load_split("emnist-digits", tmp_path, "test", download=False)
 
 
-def test_failed_download_is_one_line(tmp_path, monkeypatch):
-    def no_network():
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://...")
+def test_failed_download_is_one_line_with_its_cause_and_leaves_nothing(tmp_path, monkeypatch):
+    def no_network(data_dir):
+        (data_dir / "cifar-10-python.tar.gz").write_bytes(b"partial")  # as a cut download leaves it
+        raise RuntimeError("Error downloading cifar-10-python.tar.gz:\nTried http://a/, got:\n"
+                           "<urlopen error [Errno -2] Name or service not known>\n")
 
-    monkeypatch.setattr(classic, "_download_cifar", lambda name, data_dir: no_network())
+    monkeypatch.setattr(classic, "_download_cifar", lambda name, data_dir: no_network(data_dir))
+    (tmp_path / "mine.txt").write_text("the user's")
     with pytest.raises(DataError) as err:
         load_split("cifar10", tmp_path, "train", download=True)
-    assert "download failed (Error downloading train-images-idx3-ubyte.gz:)" in str(err.value)
+    assert "download failed (Error downloading cifar-10-python.tar.gz: <urlopen error [Errno -2] Name or service not known>)" in str(err.value)
     assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_a_failed_download_into_a_new_folder_removes_the_folder(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def no_network(self, *a, **k):
+        os.makedirs(self.raw_folder, exist_ok=True)  # as torchvision does before it downloads
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_network)
+    with pytest.raises(DataError, match="download failed"):
+        load_split("mnist", tmp_path / "data", "train", download=True)
+    assert not (tmp_path / "data").exists()
 
 
 # --- CIFAR ----------------------------------------------------------------------------------

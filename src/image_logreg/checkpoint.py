@@ -58,6 +58,10 @@ def resolve_checkpoint(model_path: str | os.PathLike) -> Path:
     """A run directory means its ``model.safetensors``; a file is taken as is."""
     path = Path(model_path)
     if path.is_dir():
+        if not (path / CHECKPOINT_NAME).is_file():
+            runs = sorted(p.parent.name for p in path.glob(f"*/{CHECKPOINT_NAME}"))[:3]
+            hint = f"; it holds runs such as {', '.join(runs)}" if runs else ""
+            raise CheckpointError(f"{model_path}: a folder, but not a run directory (no {CHECKPOINT_NAME} in it){hint}")
         path = path / CHECKPOINT_NAME
     if not path.is_file():
         raise CheckpointError(f"{model_path}: no such checkpoint file or run directory")

@@ -137,17 +137,11 @@ def file_region(array) -> FileRegion | None:
 
 
 def _fetch(name, data_dir, split, folder, missing, download):
-    where = f"{', '.join(missing)} not found in {folder}"
+    from .sources.classic import fetch
+
     hint = f"pass --data-dir DIR where DIR/{folder.parent.name}/raw/ holds the IDX files"
-    if not download:
-        raise DataError(f"{name} {split} data missing: {where}; {hint}")
-    try:
-        # torchvision reports download progress on stdout, which belongs to --json output.
-        with contextlib.redirect_stdout(sys.stderr):
-            dataset_class(name)(root=str(data_dir), train=split == "train", download=True)
-    except Exception as exc:  # any network or disk failure ends the same way for the user
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{name} {split} data missing: {where} and download failed ({reason}); {hint}") from None
+    get = lambda: dataset_class(name)(root=str(data_dir), train=split == "train", download=True)  # noqa: E731
+    fetch(name, split, f"{', '.join(missing)} not found in {folder}", hint, download, get, data_dir)
 
 
 # Dimensions of each IDX file: N x H x W images, N labels.

@@ -55,4 +55,5 @@ def check_options(name: str, options: dict) -> None:
         given = [k for k in IMAGE_OPTIONS if options.get(k) is not None]
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            raise UsageError(f"{flags} apply to --dataset folder and csv only, not {name}")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UsageError(f"{flags} {verb} to --dataset folder and csv only, not {name}")

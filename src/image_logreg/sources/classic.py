@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import pickle
+import shutil
 import string
 import sys
 from dataclasses import dataclass
@@ -94,12 +96,12 @@ def _load_kmnist(data_dir: Path, split: str, download: bool):
     prefix = "train" if split == "train" else "t10k"
     files = (folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte")
 
-    def fetch():
+    def get():
         from torchvision.datasets import KMNIST
 
         KMNIST(root=str(data_dir), train=split == "train", download=True)
 
-    images, labels = _read_idx_pair("kmnist", split, files, download, fetch)
+    images, labels = _read_idx_pair("kmnist", split, files, download, get)
     return images, _checked_labels(labels, 0, len(KMNIST_CLASSES), files[1]), list(KMNIST_CLASSES)
 
 
@@ -109,24 +111,25 @@ def _load_emnist(name: str, data_dir: Path, split: str, download: bool):
     prefix = f"emnist-{which}-{'train' if split == 'train' else 'test'}"
     files = (folder / f"{prefix}-images-idx3-ubyte", folder / f"{prefix}-labels-idx1-ubyte")
 
-    def fetch():
+    def get():
         from torchvision.datasets import EMNIST
 
         EMNIST(root=str(data_dir), split=which, train=split == "train", download=True)
 
-    images, labels = _read_idx_pair(name, split, files, download, fetch)
+    images, labels = _read_idx_pair(name, split, files, download, get)
     images = np.ascontiguousarray(images.transpose(0, 2, 1))  # stored column by column: stand it upright
     classes = EMNIST_CLASSES[which]
     labels = _checked_labels(labels, _EMNIST_LABEL_OFFSET[which], len(classes), files[1])
     return images, labels, list(classes)
 
 
-def _read_idx_pair(name, split, files, download, fetch):
+def _read_idx_pair(name, split, files, download, get):
     image_file, label_file = files
     missing = [p.name for p in files if not p.is_file()]
     if missing:
         hint = f"pass --data-dir DIR where DIR/{image_file.parent.parent.name}/raw/ holds the IDX files"
-        _fetch(name, split, f"{', '.join(missing)} not found in {image_file.parent}", hint, download, fetch)
+        data_dir = image_file.parent.parent.parent
+        fetch(name, split, f"{', '.join(missing)} not found in {image_file.parent}", hint, download, get, data_dir)
     images, labels = read_idx(image_file, "image", mapped=True), read_idx(label_file, "label")
     if len(images) != len(labels):
         raise DataError(
@@ -162,16 +165,61 @@ def _checked_labels(labels: np.ndarray, offset: int, num_classes: int, path: Pat
     return labels
 
 
-def _fetch(name: str, split: str, where: str, hint: str, download: bool, fetch) -> None:
+def fetch(name: str, split: str, where: str, hint: str, download: bool, get, data_dir) -> None:
+    """Download a missing dataset with ``get()``, or say in one line why it is missing.
+
+    A failed download names its cause and leaves nothing behind in ``data_dir``: every file and
+    folder it made there is removed.
+    """
     if not download:
         raise DataError(f"{name} {split} data missing: {where}; {hint}")
+    data_dir = Path(data_dir)
+    before = _entries(data_dir)
     try:
         # torchvision reports download progress on stdout, which belongs to --json output.
         with contextlib.redirect_stdout(sys.stderr):
-            fetch()
+            get()
     except Exception as exc:  # any network or disk failure ends the same way for the user
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{name} {split} data missing: {where} and download failed ({reason}); {hint}") from None
+        _remove_new(data_dir, before)
+        raise DataError(f"{name} {split} data missing: {where} and download failed ({_reason(exc)}); {hint}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception in one line. torchvision's "Error downloading FILE:" lists each mirror's
+    error on the lines after it: the last of them is the cause."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[-1]}"
+    return lines[0]
+
+
+def _entries(root: Path, depth: int = 3, limit: int = 10_000) -> set[Path] | None:
+    """The paths under ``root`` a few levels down (None for a folder too big to list)."""
+    if not root.exists():
+        return set()
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        level = len(Path(folder).relative_to(root).parts)
+        if level >= depth:
+            dirs[:] = []
+        found.update(Path(folder) / n for n in (*dirs, *files))
+        if len(found) > limit:
+            return None
+    return found | {root}
+
+
+def _remove_new(root: Path, before: set[Path] | None) -> None:
+    """Remove what appeared under ``root`` since ``before`` (``root`` itself too, if it is new)."""
+    if before is None:
+        return
+    if not before:  # the download made the folder: all of it is its own
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for path in sorted(_entries(root) or (), key=lambda p: len(p.parts)):
+        if path not in before and path.exists():
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 # --- CIFAR: pickled python batches ----------------------------------------------------------
@@ -184,7 +232,7 @@ def _load_cifar(name: str, data_dir: Path, split: str, download: bool):
     missing = [f for f in (*batches, layout.meta) if not (folder / f).is_file()]
     if missing:
         hint = f"pass --data-dir DIR where DIR/{layout.folder}/ holds the python batches (cifar-*-python.tar.gz, extracted)"
-        _fetch(name, split, f"{', '.join(missing)} not found in {folder}", hint, download, lambda: _download_cifar(name, data_dir))
+        fetch(name, split, f"{', '.join(missing)} not found in {folder}", hint, download, lambda: _download_cifar(name, data_dir), data_dir)
     classes = _cifar_classes(folder / layout.meta, layout)
     images, labels = [], []
     for batch in batches:
