@@ -36,6 +36,8 @@ def test_runs_lists_run_directories(capsys, toy_data, tmp_path):
     lines = stdout.strip().splitlines()
     assert code == 0 and lines[0].split()[:3] == ["name", "dataset", "optimizer"] and len(lines) == 3
     assert "nested/poor" in stdout and f"{good['val_accuracy']:.4f}" in stdout
+    assert "images" in lines[0] and first["train_subset"] == "all"
+    assert f" {runs[1]['seconds']:.3g} " in stdout  # a short run's seconds are not rounded to 0.0
 
     code, stdout, err = run_cli(capsys, "runs", tmp_path / "nowhere")
     assert code == 2 and stdout == "" and "no such directory" in err

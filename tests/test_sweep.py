@@ -41,7 +41,7 @@ def test_grid_runs_reports_and_resumes(capsys, toy_data, tmp_path):
     assert code == 0, err
     runs = sorted(p for p in out.iterdir() if p.is_dir())
     assert len(runs) == 4 and all((p / "model.safetensors").is_file() for p in runs)
-    assert runs[0].name == "lr=0.01_batch_size=100_val_fraction=0.2_train_subset=all_optimizer=sgd_weight_decay=0.0"
+    assert runs[0].name == "lr=0.01_batch_size=100"  # named after what the sweep varies
     assert result["trained"] == 4 and result["skipped"] == 0 and result["failed"] == 0
 
     rows = read_csv(out / "sweep.csv")
@@ -90,7 +90,7 @@ def test_failed_configs_are_recorded_and_the_rest_go_on(capsys, toy_data, tmp_pa
     rows = read_csv(out / "sweep.csv")
     assert [r["status"] for r in rows].count("failed") == 3
     assert all("\n" not in r["error"] for r in rows)
-    name = f"lr=0.01_batch_size={BATCH}_val_fraction=0.2_train_subset=100_optimizer=sgd_weight_decay=0.0"
+    name = "lr=0.01_train_subset=100"
     assert [p.name for p in out.iterdir() if p.is_dir()] == [name]  # failed runs leave no directory
     assert "diverged" in (out / "sweep.md").read_text() and (out / "sweep.png").is_file()
 
@@ -157,5 +157,7 @@ def test_parsing_and_names():
         f"lr=0.1_batch_size={BATCH}_val_fraction=0.2_train_subset=all_optimizer={OPT}_weight_decay=0.0",
         f"lr=1e-05_batch_size={BATCH}_val_fraction=0.2_train_subset=all_optimizer={OPT}_weight_decay=0.0",
     ]
+    assert [run_name(s, ["lr"]) for s in expand(grid)] == ["lr=0.1", "lr=1e-05"]  # as a sweep names them
+    assert run_name(expand(grid)[0], []) == names[0]  # one run: named in full
     default_lr = expand(grid_from_flags({"optimizer": "sgd,adam"}))
     assert all(isinstance(s["lr"], float) for s in default_lr)  # the optimizer's default, spelled out

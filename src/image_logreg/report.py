@@ -334,7 +334,7 @@ def _render_page(run, meta, config, history, split, result, cm, cal, figures) ->
         ("ECE (test)", f"{cal['ece']:.4f}"),
     ]
     parts = [
-        f"<h1>{e(meta['dataset'])} logistic regression: {e(run.name)}</h1>",
+        f"<h1>{e(_heading(run.name, meta['dataset']))}</h1>",
         f'<p class="sub">{e(str(run.resolve()))} · trained {e(str(config.get("created", "?")))} · '
         f"{len(history)} epochs · report on {result['n']} test images</p>",
         '<div class="headline">' + "".join(f"<div>{e(k)}<b>{v}</b></div>" for k, v in headline) + "</div>",
@@ -359,7 +359,7 @@ def _render_page(run, meta, config, history, split, result, cm, cal, figures) ->
         _novelty_reading(meta),
         _img(figures["novelty"], "novelty scores of the test images and of noise, with the threshold"),
         "<h2>Configuration</h2>",
-        _table(["setting", "value"], [(k, _setting(v)) for k, v in config.items()]),
+        _table(["setting", "value"], [(k, _setting(k, v)) for k, v in config.items() if _applies(k, config)]),
     ]
     body = "\n".join(parts)
     title = f"image-logreg report: {run.name}"
@@ -411,9 +411,28 @@ def _table(header: list[str], rows, numeric: set[int] = frozenset()) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _setting(value) -> str:
+def _heading(run_name: str, dataset: str) -> str:
+    return f"Logistic regression on {dataset}" + ("" if run_name == dataset else f": {run_name}")
+
+
+# settings that mean something for one optimizer only
+_OPTIMIZER_ONLY = {"momentum": "sgd", "lbfgs_iterations": "lbfgs", "tolerance": "lbfgs"}
+
+
+def _applies(name: str, config: dict) -> bool:
+    """Whether a setting had any effect on this run (L-BFGS's for an Adam run did not)."""
+    if name in _OPTIMIZER_ONLY:
+        return config.get("optimizer") == _OPTIMIZER_ONLY[name]
+    if name in ("schedule", "batch_size"):
+        return config.get("optimizer") != "lbfgs"
+    return True
+
+
+def _setting(name: str, value) -> str:
     if value is None:
         return "—"
+    if name == "max_memory" and isinstance(value, int):
+        return f"{value / 2**30:.1f} GiB"
     return value if isinstance(value, str) else json.dumps(value)  # as written in config.json
 
 

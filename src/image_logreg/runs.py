@@ -14,10 +14,11 @@ COLUMNS = (
     ("optimizer", "optimizer", "s"),
     ("lr", "lr", "g"),
     ("batch_size", "batch", "d"),
+    ("train_subset", "images", "s"),
     ("epochs", "epochs", "d"),
     ("val_accuracy", "val acc", ".4f"),
     ("val_loss", "val loss", ".4f"),
-    ("seconds", "seconds", ".1f"),
+    ("seconds", "seconds", ".3g"),
     ("created", "created", "s"),
 )
 SORTS = {"created": False, "name": False, "val_accuracy": True, "val_loss": False, "seconds": False}  # True: descending
@@ -53,6 +54,7 @@ def describe(run_dir: Path, root: Path) -> dict:
         "optimizer": config.get("optimizer"),
         "lr": config.get("lr"),
         "batch_size": config.get("batch_size"),
+        "train_subset": "all" if config.get("train_subset") is None else str(config["train_subset"]),
         "epochs": len(history),
         "val_accuracy": final.get("val_accuracy"),
         "val_loss": final.get("val_loss"),

@@ -90,6 +90,11 @@ def expand(grid: dict[str, list]) -> list[dict]:
     return configs
 
 
+def seconds_in_words(seconds: float) -> str:
+    """0.04 s reads as 0.04 s, not 0.0 s; longer times to a tenth of a second."""
+    return f"{seconds:.2g} s" if seconds < 1 else f"{seconds:.1f} s"
+
+
 def format_value(value) -> str:
     if value is None:
         return ALL
@@ -98,9 +103,10 @@ def format_value(value) -> str:
     return str(value)
 
 
-def run_name(settings: dict) -> str:
-    """A stable, filesystem-safe directory name: ``lr=0.01_batch_size=100_...``."""
-    return "_".join(f"{n}={format_value(settings[n])}" for n in SWEEP_SETTINGS)
+def run_name(settings: dict, varied=()) -> str:
+    """A stable, filesystem-safe directory name from the settings the sweep varies: ``lr=0.01_batch_size=100``
+    (from all of them when it varies none); the others are in each run's config.json."""
+    return "_".join(f"{n}={format_value(settings[n])}" for n in SWEEP_SETTINGS if n in varied or not varied)
 
 
 def label(settings: dict, names) -> str:
@@ -204,13 +210,13 @@ def run_sweep(
     for config in full:
         check_config(config)
     _check_resumable(sweep_dir, overwrite)
+    varied = [n for n in SWEEP_SETTINGS if len(grid[n]) > 1]
     if not overwrite:
         for settings, config in zip(configs, full):
-            run_dir = sweep_dir / run_name(settings)
+            run_dir = sweep_dir / run_name(settings, varied)
             if is_complete(run_dir):
                 _check_same_run(run_dir, config)
 
-    varied = [n for n in SWEEP_SETTINGS if len(grid[n]) > 1]
     write_json(sweep_dir / "sweep.json", {
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "fixed": {k: v for k, v in fixed.items()},
@@ -220,7 +226,7 @@ def run_sweep(
 
     rows, counts = [], {"trained": 0, "skipped": 0, "failed": 0}
     for i, (settings, config) in enumerate(zip(configs, full), 1):
-        run_dir = sweep_dir / run_name(settings)
+        run_dir = sweep_dir / run_name(settings, varied)
         prefix = f"[{i}/{len(configs)}] {label(settings, varied or SWEEP_SETTINGS)}"
         status, error = "trained", ""
         try:
@@ -240,7 +246,7 @@ def run_sweep(
         if status == "failed":
             log(f"{prefix}: FAILED: {error}")
         else:
-            done = "already done" if status == "skipped" else f"trained in {result['seconds']:.1f}s"
+            done = "already done" if status == "skipped" else f"trained in {seconds_in_words(result['seconds'])}"
             log(f"{prefix}: val accuracy {result['val_accuracy']:.4f} ({done})")
         rows.append({
             **{n: format_value(settings[n]) if settings[n] is None else settings[n] for n in (varied or SWEEP_SETTINGS)},
