@@ -3,7 +3,9 @@
 The exported graph takes the images as the dataset stores them (uint8, ``N x H x W``, or
 ``N x 3 x H x W`` for a colour model; any N, H and W the model's own),
 applies the model's own preprocessing inside (deskewing for ``--deskew`` models, then
-``x / 255``) and returns ``probabilities`` (``N x K``). Both formats trace the very functions
+``x / 255``) and returns ``probabilities`` (``N x K``). It does not bring a user's file into the
+dataset's form (a digit cropped, fitted to 20x20 and centred by mass): ``preprocess.prepare_image``
+does, before the graph. Both formats trace the very functions
 that training and ``evaluate`` run, so what a user feeds the file is what the model was
 trained on; the checkpoint's metadata (classes, dataset, input shape, metrics) travels along.
 """
