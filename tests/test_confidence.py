@@ -147,3 +147,26 @@ def test_the_default_mnist_run_rejects_fashion_and_keeps_digits(mnist_run, real_
     code, out, err = run_cli(capsys, "predict", mnist_run, "--data-dir", real_data, "--index", "0", "--json")
     entry = json.loads(out)[0]
     assert entry["rejected"] is False and isinstance(entry["ood_score"], float)
+
+
+def test_without_held_out_images_a_small_set_does_not_reject_everything_else():
+    """Fitted and thresholded on the same 100 images, 100 principal components hold them exactly and
+    reject three in four other digits; fitted on half and thresholded on the other, it rejects few."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from image_logreg.confidence import calibrate
+    from image_logreg.model import LogisticRegression
+    from image_logreg.settings import TrainConfig
+    from image_logreg.train import fit
+
+    digits = load_digits()
+    x = F.interpolate(torch.from_numpy(digits.images / 16).float()[:, None], size=(28, 28), mode="bilinear")[:, 0]
+    y = torch.from_numpy(digits.target).long()
+    torch.manual_seed(0)
+    model = LogisticRegression((28, 28), 10)
+    fit(model, x[:100], y[:100], None, None, TrainConfig(epochs=50, batch_size=32))
+    summary = calibrate(model, x[:100], None, None)
+    rejected = model.rejects(model.novelty_scores(x[100:])).float().mean().item()
+    assert not summary["held_out"] and model.temperature == 1.0
+    assert rejected < 0.2, rejected  # 0.75 when fitted and thresholded on the same images

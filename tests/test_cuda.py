@@ -277,3 +277,24 @@ def test_serve_predict_png_on_cuda(clients, name):
     assert np.abs(np.array(cuda["seen"], int) - np.array(cpu["seen"], int)).max() <= (1 if name == "deskewed" else 0)
     if name == "plain":
         assert np.allclose(cuda["evidence"], cpu["evidence"], atol=1e-5, rtol=1e-5)
+
+
+def test_learn_on_cuda_matches_cpu(capsys, runs, tmp_path):
+    """``learn --device cuda``: the same images learnt, the parent's test accuracy kept as on the CPU
+    (L-BFGS's line searches see the GPU's other rounding, so the weights agree loosely)."""
+    new = tmp_path / "new" / "3"
+    new.mkdir(parents=True)
+    for i in range(10):  # class 3's block in a spot no toy class uses
+        image = np.zeros((28, 28), dtype=np.uint8)
+        image[17:23, 14:19] = 180 + 7 * i
+        Image.fromarray(image).save(new / f"{i}.png")
+    results = {}
+    for device in ("cpu", "cuda"):
+        code, stdout, err = run_cli(capsys, "learn", runs["cpu", False], new.parent, "--out", tmp_path / device, "--device", device,
+                                    "--json", "--quiet")
+        assert code == 0, err
+        results[device] = json.loads(stdout)
+    cpu, cuda = (results[d]["after"] for d in ("cpu", "cuda"))
+    assert cuda["new_held_out"]["accuracy"] == cpu["new_held_out"]["accuracy"] == 1.0
+    assert cuda["parent_test"]["accuracy"] == pytest.approx(cpu["parent_test"]["accuracy"], abs=0.01)
+    assert json.loads((tmp_path / "cuda" / "config.json").read_text())["device_used"] == "cuda"

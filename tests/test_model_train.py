@@ -73,17 +73,17 @@ def test_divergence_names_the_learning_rate(toy_data):
 
 
 def test_default_epochs_make_at_least_mnists_step_count():
-    """5 epochs where an epoch is hundreds of steps (MNIST's settings are unchanged); on a small set,
-    as many epochs as make MNIST's 1,875 steps. An explicit --epochs always wins."""
+    """3 epochs where an epoch is hundreds of steps (MNIST's settings are unchanged); on a small set,
+    as many epochs as make MNIST's 1,125 steps. An explicit --epochs always wins."""
     auto = TrainConfig()
-    assert auto.epochs_for(48_000) == 5 and auto.epochs_for(60_000) == 5  # MNIST and all of it
-    assert auto.epochs_for(1_150) == 209  # scikit-learn's digits: 9 steps per epoch
-    assert auto.epochs_for(6) == 1875  # one step per epoch
-    assert all(math.ceil(n / 128) * auto.epochs_for(n) >= 1875 for n in range(1, 50_000, 97))
-    assert TrainConfig(epochs=3).epochs_for(1_150) == 3
+    assert auto.epochs_for(48_000) == 3 and auto.epochs_for(60_000) == 3  # MNIST and all of it
+    assert auto.epochs_for(1_150) == 125  # scikit-learn's digits: 9 steps per epoch
+    assert auto.epochs_for(6) == 1125  # one step per epoch
+    assert all(math.ceil(n / 128) * auto.epochs_for(n) >= 1125 for n in range(1, 50_000, 97))
+    assert TrainConfig(epochs=4).epochs_for(1_150) == 4
     assert TrainConfig(optimizer="lbfgs").epochs_for(1_150) == 5  # a full-batch step is not a minibatch step
     history = fit(LogisticRegression((2, 2), 2), torch.rand(300, 2, 2), torch.randint(0, 2, (300,)), None, None)
-    assert len(history) == auto.epochs_for(300) == 625
+    assert len(history) == auto.epochs_for(300) == 375
 
 
 @pytest.mark.parametrize(

@@ -380,8 +380,8 @@ def test_sklearn_digits_defaults_reach_sklearn_logistic_regression(tmp_path, cap
     for seed in range(5):
         run = tmp_path / f"run-{seed}"
         summary = train_folder(capsys, tmp_path / "digits", run, "--seed", str(seed))  # otherwise the defaults
-        # 9 steps per epoch: as many epochs as make MNIST's 1,875 steps, unless the patience rule stops it first
-        assert json.loads((run / "config.json").read_text())["epochs"] == 209 and summary["epochs"] <= 209
+        # 9 steps per epoch: as many epochs as make MNIST's 1,125 steps, unless the patience rule stops it first
+        assert json.loads((run / "config.json").read_text())["epochs"] == 125 and summary["epochs"] <= 125
         ours.append(cli_json(capsys, "evaluate", run)["accuracy"])
         source = json.loads((run / "source.json").read_text())
         train, test = number(source["train_files"]), number(source["test_files"])

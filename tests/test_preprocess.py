@@ -205,6 +205,14 @@ def test_photo_pasted_on_a_page_and_drawn_over_keeps_only_the_strokes_as_ink(ton
     assert ink[:, 18:].sum() > 0.15 * ink.sum()  # the stroke, right of the 7, is there
 
 
+def test_a_bold_glyph_wider_than_a_third_of_the_page_is_ink_not_paper():
+    page = np.ones((300, 300), np.float32)
+    page[60:240, 90:210] = 0.05  # a solid block, 180 x 120: nothing on it stands out as ink would
+    digit = normalize_digit(page)
+    assert_mnist_like(digit)
+    assert ink_box(digit) == (20, 13)  # the whole block, fitted to the box, not "blank"
+
+
 def overlap_of(a: np.ndarray, b: np.ndarray) -> float:
     return (a & b).sum() / (a | b).sum()
 

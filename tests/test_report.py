@@ -171,3 +171,23 @@ def test_train_report_failure_says_the_run_is_safe(capsys, toy_data, tmp_path):
     code, out, err = run_cli(capsys, "train", "--data-dir", toy_data, "--out", run, *FAST, "--report")
     assert_one_line_error(code, out, err, f"run saved to {run}", "t10k-images-idx3-ubyte")
     assert (run / "model.safetensors").is_file() and not (run / "report.html").exists()
+
+
+def test_configuration_table_shows_only_what_applied_and_reads_plainly():
+    from image_logreg.report import _applies, _heading, _setting
+
+    adam = {"optimizer": "adam"}
+    assert not _applies("lbfgs_iterations", adam) and not _applies("momentum", adam) and _applies("lr", adam)
+    assert _applies("tolerance", {"optimizer": "lbfgs"}) and not _applies("batch_size", {"optimizer": "lbfgs"})
+    assert _setting("max_memory", 12662634496) == "11.8 GiB" and _setting("seed", 0) == "0"
+    assert _heading("mnist", "mnist") == "Logistic regression on mnist"
+    assert _heading("mnist-2", "mnist") == "Logistic regression on mnist: mnist-2"
+
+
+def test_the_start_line_says_how_inputs_are_prepared():
+    from image_logreg.run import inputs_in_words
+    from image_logreg.settings import TrainConfig
+
+    assert inputs_in_words({"deskew": True}, TrainConfig()) == "deskewed"
+    words = inputs_in_words({"image_size": [32, 32]}, TrainConfig(class_weight="balanced"))
+    assert words == "pixels / 255, decoded at 32x32, balanced class weights"

@@ -583,6 +583,7 @@ def test_predict_entries_say_whether_the_image_is_rejected(real_client, real_mod
     assert entries[0]["ood_score"] <= real_models["mnist"].model.novelty.threshold < entries[1]["ood_score"]
     explained = real_client.post("/predict?model=mnist&explain=true", files=files).json()
     for plain, why in zip(entries, explained):
-        assert (why["rejected"], why["ood_score"]) == (plain["rejected"], plain["ood_score"])
+        # the same image's score by the one-image path and the batch path: the same but for the last bits
+        assert why["rejected"] == plain["rejected"] and why["ood_score"] == pytest.approx(plain["ood_score"], rel=1e-5, abs=1e-6)
         assert len(why["probabilities"]) == 10 and "evidence" in why
 

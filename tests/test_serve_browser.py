@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 START_LIMIT_S = 60
 WAIT_MS = 15_000  # every wait in the browser ends by itself
 TOKEN = "browser-test-token-0123456789"  # serve refuses tokens under 16 characters
-DOCS_SCREENSHOTS = ("serve-page", "serve-page-colour", "serve-page-rejected")
+DOCS_SCREENSHOTS = ("serve-page", "serve-page-colour", "serve-page-rejected", "serve-page-feedback")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
@@ -80,14 +80,14 @@ def wait_ready(base: str, process: subprocess.Popen, log: Path, token: str | Non
 
 
 @contextmanager
-def serving(models: dict[str, Path], log: Path, token: str | None = None):
-    """A real `image-logreg serve` on 127.0.0.1; yields its base URL and always stops it."""
+def serving(models: dict[str, Path], log: Path, token: str | None = None, flags: tuple[str, ...] = ()):
+    """A real `image-logreg serve` on 127.0.0.1 (with ``flags``); yields its base URL and always stops it."""
     port = free_port()
     env = {key: value for key, value in os.environ.items() if key != "IMAGE_LOGREG_TOKEN"}
     if token:
         env["IMAGE_LOGREG_TOKEN"] = token
     specs = [f"{name}={path}" for name, path in models.items()]
-    command = [sys.executable, "-m", "image_logreg", "serve", *specs, "--port", str(port)]
+    command = [sys.executable, "-m", "image_logreg", "serve", *specs, "--port", str(port), *flags]
     # The access log goes to a file: a pipe nobody reads would fill up and stall the server.
     with log.open("w") as log_file:
         process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)

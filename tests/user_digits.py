@@ -23,7 +23,13 @@ def write_user_digit(digit: np.ndarray, path_without_suffix: Path, rng: np.rando
     """Write `digit` (uint8 28x28, white on black) as a user-style image file of `kind`; return its path."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-    ink = _scaled_ink(digit, rng)
+    return write_ink(_scaled_ink(digit, rng), path_without_suffix, rng, kind)
+
+
+def write_ink(ink: np.ndarray, path_without_suffix: Path, rng: np.random.Generator, kind: str) -> Path:
+    """Write ink coverage (float H x W in [0, 1], 1 = ink) off-centre on a larger page of `kind`; return its path."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     page_h, page_w = (n + int(rng.integers(n // 4 + 8, n + 60)) for n in ink.shape)
     top = int(rng.integers(0, page_h - ink.shape[0] + 1))
     left = int(rng.integers(0, page_w - ink.shape[1] + 1))

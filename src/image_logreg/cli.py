@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -62,8 +63,15 @@ def log(message: str) -> None:
 
 
 def emit_json(data) -> None:
-    json.dump(data, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    """Indented JSON, with each list of numbers on one line (a 10x10 confusion matrix is 10 lines, not 120)."""
+    sys.stdout.write(_NUMBER_LIST.sub(_one_line_list, json.dumps(data, indent=2)) + "\n")
+
+
+_NUMBER_LIST = re.compile(r"\[\s+(-?[\d.eE+-]+(?:,\s+-?[\d.eE+-]+)*|null(?:,\s+null)*)\s+\]")
+
+
+def _one_line_list(match: re.Match) -> str:
+    return "[" + ", ".join(item.strip() for item in match.group(1).split(",")) + "]"
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -113,7 +121,7 @@ def cmd_train(args) -> int:
     config = preset(args.preset, given)  # flags left out (None) come from the preset, else the defaults
     summary = train_run(
         config, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log,
-        tensorboard=args.tensorboard,
+        tensorboard=args.tensorboard, init=args.init,
     )
     if args.report:  # only now: the report reads the finished run directory
         from .report import write_report
@@ -179,9 +187,13 @@ def print_evaluation(result: dict, classes: list[str]) -> None:
     if len(classes) > CONFUSION_PRINTED:
         print(f"\nconfusion matrix: {len(classes)} x {len(classes)}, too wide to print; see --json or `image-logreg report`")
         return
-    print("\nconfusion matrix (rows: true class, columns: predicted)")
-    for i, row in enumerate(result["confusion"]):
-        print(f"{i:>3} " + " ".join(f"{v:5d}" for v in row))
+    labels = [c if c.startswith(str(i)) else f"{i} {c}" for i, c in enumerate(classes)]  # rows name their column
+    labels = [c if len(c) <= 20 else c[:19] + "~" for c in labels]
+    width = max(len(c) for c in labels)
+    print("\nconfusion matrix (rows: true class, columns: predicted, numbered as the rows)")
+    print(" " * width + " " + " ".join(f"{i:>5d}" for i in range(len(classes))))
+    for label, row in zip(labels, result["confusion"]):
+        print(f"{label:<{width}} " + " ".join(f"{v:5d}" for v in row))
 
 
 def cmd_predict(args) -> int:
@@ -285,6 +297,53 @@ def write_predictions_csv(path, results: list[dict], errors: list[dict]) -> None
     write_csv(path, rows)
 
 
+def cmd_suggest(args) -> int:
+    from .suggest import check_folder, copy_suggestions, suggest_files
+
+    if args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UsageError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    check_folder(args.folder)  # before the model loads: a mistyped folder is one line at once
+    if args.copy_to and Path(args.copy_to).exists() and not Path(args.copy_to).is_dir():
+        raise UsageError(f"--copy-to {args.copy_to} is a file, not a folder")
+    model, meta, checkpoint = open_model(args)
+    if model.novelty is None:
+        log(f"{checkpoint} has no novelty score (trained before image-logreg could tell): ranked by {args.by} alone")
+    result = suggest_files(model, meta, args.folder, args.n, by=args.by, normalize=not args.no_normalize,
+                           max_pixels=args.max_pixels, labelled=args.copy_to, log=log)
+    result = {"model": str(checkpoint), **result}
+    if args.copy_to:
+        result["copied_to"] = str(copy_suggestions(result["suggestions"], args.copy_to, meta["classes"]))
+    if args.json:
+        emit_json(result)
+    else:
+        print_suggestions(result, args.model)
+    return 0
+
+
+def print_suggestions(result: dict, model: str) -> None:
+    entries = result["suggestions"]
+    left = [f"{result['duplicates']} the same as another"] if result["duplicates"] else []
+    left += [f"{result['already_labelled']} already in --copy-to"] if result["already_labelled"] else []
+    left += [f"{len(result['skipped'])} unusable"] if result["skipped"] else []
+    threshold = result["novelty_threshold"]
+    novelty = "no novelty score" if threshold is None else f"novelty threshold {threshold:.3g}"
+    print(f"{len(entries)} of {result['ranked']} images in {result['folder']}, most worth labelling first "
+          f"(by {result['by']}; {novelty})" + (f"; left out: {', '.join(left)}" if left else ""))
+    width = max([len("predicted")] + [len(e["label"]) for e in entries])
+    runner = max([len("or")] + [len(e["runner_up"] or "") for e in entries])
+    print(f"{'rank':>4}  {'predicted':<{width}}  {'or':<{runner}}  {'prob':>5}  {'margin':>6}  {'novelty':>7}  file")
+    for e in entries:
+        score = "-" if "ood_score" not in e else f"{e['ood_score']:.2f}" + (" rejected" if e["rejected"] else "")
+        print(f"{e['rank']:>4}  {e['label']:<{width}}  {e['runner_up'] or '':<{runner}}  {e['probability']:5.3f}  "
+              f"{e['margin']:6.3f}  {score:>7}  {e['source']}")
+    if "copied_to" in result:
+        folder = result["copied_to"]
+        print(f"copied {len(entries)} files into {folder}: move each into {folder}/<class>/ (unrecognised ones too, or delete "
+              f"them), then `image-logreg learn {model} {folder} --out NEW`; files left unsorted are not learnt")
+
+
 def cmd_show(args) -> int:
     import torch
 
@@ -382,8 +441,55 @@ def cmd_serve(args) -> int:
         dataset=args.dataset, device=args.device, http=args.http,
         header_timeout=args.header_timeout, body_timeout=args.body_timeout, keep_alive=args.keep_alive,
         max_connections=args.max_connections, max_buffered=args.max_buffered,
+        learn=args.learn, feedback_dir=args.feedback_dir, max_feedback=args.max_feedback,
+        feedback_rate=args.feedback_rate, max_drop=args.max_drop, data_dir=args.data_dir,
     )
     return 0
+
+
+def cmd_learn(args) -> int:
+    from .learn import learn_run
+
+    summary = learn_run(
+        args.model, args.folder, args.out, replay=args.replay, held_out=args.hold_out, seed=args.seed, data_dir=args.data_dir,
+        device=args.device, overwrite=args.overwrite, download=not args.no_download, log=None if args.quiet else log,
+    )
+    if args.json:
+        emit_json(summary)
+    else:
+        print("\n".join(learning_lines(summary)))
+    return 0
+
+
+def learning_lines(summary: dict) -> list[str]:
+    """``learn``'s results in words: accuracy before -> after on each set, then what was learnt."""
+    before, after = summary["before"], summary["after"]
+
+    def share(value) -> str:
+        return "-" if value is None else f"{value:.1%}"
+
+    def change(name: str, what: str) -> str:
+        b, a = before[name], after[name]
+        if not b["n"]:
+            return f"{what}: none"
+        points = f" ({100 * (a['accuracy'] - b['accuracy']):+.2f} points)" if name == "parent_test" else ""
+        return (f"{what}, {b['n']} images: accuracy {b['accuracy']:.4f} -> {a['accuracy']:.4f}{points}, "
+                f"rejected as unlike the training images {share(b['rejected'])} -> {share(a['rejected'])}")
+
+    images, replay = summary["images"], summary["replay"]
+    skipped = f", {images['skipped']} skipped" if images["skipped"] else ""
+    known = f", {images['already_learnt']} learnt before" if images["already_learnt"] else ""
+    known += f", {images['duplicates']} the same as another" if images["duplicates"] else ""
+    return [
+        change("parent_test", f"parent's {summary['dataset']} test split"),
+        change("new_held_out", "new images held out (--hold-out)"),
+        change("new_learnt", "new images learnt"),
+        f"read {images['found']} files: {images['new']} new{known}{skipped}; learnt {images['learnt']}, replaying "
+        f"{replay['images']} of the parent's training images"
+        + (f" and the {replay['learnt_before']} images it learnt" if replay["learnt_before"] else "")
+        + f" (--replay {replay['share']})",
+        f"learnt in {summary['learning_seconds']:.2f}s ({summary['iterations']} L-BFGS iterations); run saved to {summary['run_dir']}",
+    ]
 
 
 def open_model(args):
@@ -402,8 +508,8 @@ def open_model(args):
 def build_parser() -> argparse.ArgumentParser:
     # plain data only: building the parser must not import torch (--version, --help answer at once)
     from .settings import (
-        CLASS_WEIGHTS, DATA_DEFAULTS, DATASET_NAMES, DEFAULT_EPOCHS, DEFAULT_LR, MAX_PIXELS, MIN_DEFAULT_STEPS, OPTIMIZERS,
-        PRESETS, SCHEDULES, TrainConfig, default_data_dir,
+        CLASS_WEIGHTS, DATA_DEFAULTS, DATASET_NAMES, DEFAULT_EPOCHS, DEFAULT_LR, LEARN_HOLD_OUT, LEARN_REPLAY, MAX_PIXELS,
+        MIN_DEFAULT_STEPS, OPTIMIZERS, PRESETS, SCHEDULES, SUGGEST_BY, SUGGEST_N, TrainConfig, default_data_dir,
     )
     from .sources.images import COLORS, RESIZE_MODES
 
@@ -505,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="balanced: weigh each class's images by n / (classes x its count), for imbalanced folders (default: none)",
     )
     run_flags(p)
+    p.add_argument("--init", metavar="RUN", default=None,
+                   help="start from the weights of RUN (run directory or checkpoint) instead of random ones: the same classes "
+                        "and input shape, on any dataset that has them; the run records RUN as its parent")
     p.add_argument("--out", default=None, help="run directory to create (default: runs/<timestamp>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -545,6 +654,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file or preprocessed images")
     max_pixels_flag(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("suggest", help="rank unlabelled images by how much labelling them would teach the model")
+    p.add_argument("model", metavar="RUN", help="run directory, .safetensors checkpoint or tutorial state_dict (.pth)")
+    p.add_argument("folder", metavar="UNLABELLED_DIR", help="folder of image files, searched recursively (hidden ones left out)")
+    p.add_argument("--n", type=int, default=SUGGEST_N, help="how many images to suggest (default: %(default)s)")
+    p.add_argument("--by", choices=SUGGEST_BY, default=SUGGEST_BY[0],
+                   help="margin: one less the gap between the two likeliest classes; egl: expected gradient length "
+                        "(default: %(default)s; images the model rejects as unlike its training images come last either way)")
+    p.add_argument("--copy-to", metavar="DIR",
+                   help="copy the suggested files into DIR, beside a folder per class to sort them into for `learn RUN DIR`; "
+                        "nothing there is replaced, and files already there are not suggested again")
+    p.add_argument("--no-normalize", action="store_true", help="digit models: feed files as they are, as predict --no-normalize")
+    max_pixels_flag(p)
+    p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None, help="what a tutorial state_dict was trained on")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON document with the results")
+    p.set_defaults(func=cmd_suggest)
 
     p = sub.add_parser("show", help="write a labelled grid of dataset samples")
     data_flags(p)
@@ -589,6 +715,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document: report path, test accuracy, ECE")
     p.set_defaults(func=cmd_report)
 
+    p = sub.add_parser("learn", help="fine-tune a run on newly labelled images without forgetting; writes a new run")
+    p.add_argument("model", metavar="RUN", help="run directory or checkpoint to learn from (left as it is)")
+    p.add_argument("folder", metavar="DIR", help="the new images, DIR/<class>/*.png: a folder per class named by the "
+                   "class's name or index (serve stores corrections so, in RUN/feedback)")
+    p.add_argument("--out", required=True, help="run directory to create for the model that learnt")
+    p.add_argument("--replay", type=float, default=LEARN_REPLAY, metavar="SHARE",
+                   help="the replayed training images' share of what is learnt, against forgetting (default: %(default)s)")
+    p.add_argument("--hold-out", type=float, default=LEARN_HOLD_OUT, metavar="SHARE",
+                   help="share of each class's new images kept out of learning to measure it on (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the replayed images and the held-out ones (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help="where the parent's data is (default: $IMAGE_LOGREG_DATA if set, else the run's own)")
+    p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    p.add_argument("--quiet", action="store_true", help="no lines on stderr but errors")
+    p.add_argument("--json", action="store_true", help="print one JSON document with the results")
+    p.set_defaults(func=cmd_learn)
+
     p = sub.add_parser("export", help="write the model as ONNX or TorchScript, preprocessing included, to use without image-logreg")
     p.add_argument("model", metavar="MODEL", help="run directory, .safetensors checkpoint or tutorial state_dict (.pth)")
     p.add_argument("--format", default="onnx", help="onnx or torchscript (default: %(default)s)")
@@ -626,5 +770,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answer 503 on connections past N open at once (default: 1000)")
     g.add_argument("--max-buffered", type=int, default=None, metavar="BYTES",
                    help="answer 503 to bodies past BYTES held by all requests at once (default: 128 MiB)")
+    g = p.add_argument_group("corrections (POST /v2/models/NAME/feedback, and the page's \"It's a ...\")")
+    g.add_argument("--learn", action="store_true",
+                   help="learn from each correction at once, as a new version of the model (stored too)")
+    g.add_argument("--feedback-dir", metavar="DIR",
+                   help="store corrections in DIR/<class>/ (default with --learn: RUN/feedback; several models: DIR/NAME/)")
+    g.add_argument("--max-feedback", type=int, default=None, metavar="N", help="most corrections stored (default: 10000)")
+    g.add_argument("--feedback-rate", type=float, default=None, metavar="N",
+                   help="most corrections per client and minute (default: 30)")
+    g.add_argument("--max-drop", type=float, default=None, metavar="POINTS",
+                   help="roll the model back when its test accuracy falls more than POINTS below the original's "
+                        "(checked every 50 corrections; default: 1)")
+    g.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="where --learn reads the run's data (default: where the run found it)")
     p.set_defaults(func=cmd_serve)
     return parser

@@ -246,11 +246,16 @@ def _log_ink(rows: np.ndarray) -> np.ndarray:
 def _eigh(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending) and eigenvectors, in float32 where that converges (three times
     quicker); a few images of many blank pixels need float64."""
-    try:
-        return torch.linalg.eigh(covariance)
-    except torch.linalg.LinAlgError:
-        values, vectors = torch.linalg.eigh(covariance.double())
-        return values.float(), vectors.float()
+    from .train import one_thread
+
+    # one thread: a 784x784 problem is too small to share, and on a busy machine two threads of
+    # it waited on each other for seconds (0.04 s alone)
+    with one_thread(covariance.device.type == "cpu"):
+        try:
+            return torch.linalg.eigh(covariance)
+        except torch.linalg.LinAlgError:
+            values, vectors = torch.linalg.eigh(covariance.double())
+            return values.float(), vectors.float()
 
 
 def _median_and_quantile(values: np.ndarray, least_spread: float = 1e-12) -> list[float]:
@@ -261,17 +266,25 @@ def _median_and_quantile(values: np.ndarray, least_spread: float = 1e-12) -> lis
 def calibrate(model, x_train, x_val, y_val, *, keep: float = DEFAULT_KEEP, temperature: bool = True) -> dict:
     """Fit ``model.temperature`` (unless ``temperature`` is false) and ``model.novelty`` on held-out
     images; return what was fitted, in figures. Without held-out images (``x_val`` empty) the
-    temperature stays 1 and the novelty threshold is taken on the training images."""
+    temperature stays 1, and the training images are cut in two: the novelty score is fitted on one
+    half and its scales and threshold taken on the other. Fitted and measured on the same few hundred
+    images, the principal components would hold them exactly and every other image would be rejected."""
     from .metrics import logits_of
 
     held_out = x_val is not None and len(x_val) > 0
-    x_fit_rows = _rows(x_val if held_out else x_train, limit=HELD_OUT_ROWS if held_out else FIT_ROWS)
+    if held_out:
+        x_fit, x_fit_rows = x_train, _rows(x_val, limit=HELD_OUT_ROWS)
+    else:
+        rows = _rows(x_train, limit=2 * FIT_ROWS)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).to(rows.device)
+        half = max(1, len(rows) // 2)
+        x_fit, x_fit_rows = rows[order[:half]], rows[order[half:]] if len(rows) > 1 else rows
     logits = logits_of(model, x_fit_rows)
     summary = {"held_out": held_out}
     if temperature and held_out:
         model.temperature = fit_temperature(logits, y_val[: len(x_fit_rows)])
         summary["temperature"] = model.temperature
-    model.novelty = Novelty.fit(x_train, x_fit_rows, logits, model.input_shape, keep=keep)
+    model.novelty = Novelty.fit(x_fit, x_fit_rows, logits, model.input_shape, keep=keep)
     summary.update(threshold=model.novelty.threshold, keep=keep)
     return summary
 

@@ -8,11 +8,9 @@ torchvision is imported only to fetch the files: its import alone takes seconds.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import struct
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple

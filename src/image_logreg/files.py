@@ -96,6 +96,57 @@ def refuse_existing(path: str | os.PathLike, overwrite: bool, what: str = "outpu
     return path
 
 
+def write_new(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path``, or, when that name is taken, to ``stem-2.suffix``, ``stem-3.suffix``
+    and so on; return where it went. No file is ever replaced, and the file appears whole or not at
+    all: it is written under a hidden temporary name (which a dataset reader skips) and hard-linked
+    to the first free name (a link, unlike a rename, fails where the name exists, however late
+    another writer took it). Where there are no hard links, the name is claimed with an exclusive
+    create and written there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        for target in _free_names(path):
+            try:
+                os.link(tmp, target)
+                return target
+            except FileExistsError:
+                continue
+            except OSError:  # no hard links here (some network and FAT file systems)
+                return _write_exclusive(path, data)
+        raise UsageError(f"{path}: a million files of that name already exist beside it")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def copy_new(source: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """``write_new`` of the bytes of the file ``source``."""
+    return write_new(path, Path(source).read_bytes())
+
+
+def _free_names(path: Path):
+    yield path
+    for n in range(2, 1_000_000):
+        yield path.with_name(f"{path.stem}-{n}{path.suffix}")
+
+
+def _write_exclusive(path: Path, data: bytes) -> Path:
+    for target in _free_names(path):
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return target
+    raise UsageError(f"{path}: a million files of that name already exist beside it")
+
+
 def default_run_dir(root: str | os.PathLike = "runs", tag: str = "") -> Path:
     """``runs/<timestamp>[-tag]``, with a counter if that name is taken."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -121,10 +172,12 @@ def staged_dir(final: str | os.PathLike, overwrite: bool = False):
     remove_stale_partials(final)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_maker()}.", suffix=".partial", dir=final.parent))
     os.chmod(stage, 0o777 & ~_UMASK)
+    carried: list[str] = []
     try:
         yield stage
         refuse_existing(final, overwrite, "--out directory")
         if final.exists():
+            carried = _carry_over(final, stage)
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
             os.replace(final, old / final.name)
             os.replace(stage, final)
@@ -133,7 +186,26 @@ def staged_dir(final: str | os.PathLike, overwrite: bool = False):
             os.replace(stage, final)
     finally:
         if stage.exists():
+            for name in carried:  # the swap failed: what was the user's goes back where it was
+                home = final if final.exists() else next(final.parent.glob(f".{final.name}.*.old/{final.name}"), None)
+                if home is not None and (stage / name).exists():
+                    os.replace(stage / name, home / name)
             shutil.rmtree(stage)
+
+
+# What a run directory holds that is not the run's but its users': the corrections stored by
+# `serve` (feedback/). A run replaced with --overwrite passes them on to the new one.
+KEPT_ON_OVERWRITE = ("feedback",)
+
+
+def _carry_over(old: Path, new: Path) -> list[str]:
+    """Move ``KEPT_ON_OVERWRITE`` entries from ``old`` into ``new`` (where it has none); return their names."""
+    moved = []
+    for name in KEPT_ON_OVERWRITE:
+        if (old / name).exists() and not (new / name).exists():
+            os.replace(old / name, new / name)
+            moved.append(name)
+    return moved
 
 
 # --- partial directories of killed runs -------------------------------------------------------

@@ -93,9 +93,9 @@ class LogisticRegression(nn.Module):
     def partial_fit(self, x: torch.Tensor, y: torch.Tensor, **steps) -> "LogisticRegression":
         """Learn from ``(x, y)`` starting from the current weights, as scikit-learn's ``partial_fit``:
         the classes are the model's own, so any subset of them may appear. ``steps``: the keywords of
-        ``learn.gradient_steps`` (``steps``, ``lr``, ``sample_weight``, ``max_change``)."""
+        ``train.gradient_steps`` (``steps``, ``lr``, ``sample_weight``, ``max_change``)."""
         from .errors import UsageError
-        from .learn import gradient_steps
+        from .train import gradient_steps
 
         if len(x) != len(y) or len(y) == 0:
             raise UsageError(f"partial_fit needs as many labels as images, and at least one ({len(x)} images, {len(y)} labels)")

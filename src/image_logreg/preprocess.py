@@ -409,6 +409,9 @@ def _background(gray: np.ndarray) -> np.ndarray:
 # Paper is never taken as darker than this (ink bright): dividing by the headroom left above a
 # darker one would turn its noise into strokes.
 _DARKEST_PAPER = 0.8
+# How far (0..1) the strongest ink on a patch of paper stands above it, at least: a patch without
+# any is not paper but ink.
+_INK_ON_PAPER = 0.1
 # Strokes are thinner than this share of the image's shorter side; a patch of one tone wider than
 # it in both directions is paper, whatever its tone.
 _PAPER_PATCH = 1 / 3
@@ -435,9 +438,15 @@ def _paper_level(gray: np.ndarray) -> np.ndarray:
     opened = _opening(gray, k)
     patch = opened > plane + _MIN_CONTRAST
     if patch.any():
+        above = gray[patch] - opened[patch]
         # the opening runs along the paper's darkest noise: lift it to the paper's middle, as the
         # edges' paper is lifted in _ink_on_black (strokes are too few to move the median)
-        opened[patch] += np.median(gray[patch] - opened[patch])
+        lift = np.median(above)
+        # Paper has ink on it somewhere; a patch with none is a bold glyph wider than the square,
+        # as bright as its own brightest pixels: ink, left to the plane.
+        if np.percentile(above, 99.5) - lift < _INK_ON_PAPER:
+            return plane
+        opened[patch] += lift
     return np.maximum(plane, opened)
 
 

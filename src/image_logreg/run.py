@@ -134,12 +134,14 @@ def split_for(config: dict, n: int) -> dict:
 
 
 def train_run(
-    config: dict, out=None, *, overwrite: bool = False, progress: bool = False, log=None, tensorboard=None
+    config: dict, out=None, *, overwrite: bool = False, progress: bool = False, log=None, tensorboard=None, init=None
 ) -> dict:
     """Load data, split, fit, and write a complete run directory. Returns a summary dict.
 
     ``tensorboard``: ``True`` logs TensorBoard events to the run's ``tensorboard/`` folder, a path
     logs them to ``<path>/<run name>``; ``None``/``False`` (the default) logs nothing.
+    ``init``: a run directory or checkpoint whose weights training starts from (its classes and
+    input shape must be the data's); the run records it as its ``parent``.
     """
     config = default_config(**config)
     cfg = TrainConfig.from_dict(config).check()
@@ -158,7 +160,7 @@ def train_run(
     with session(resolve_device(config["device"])) as (group, device):
         if not group.main:
             progress, log, tensorboard = False, _quiet, None
-        history, seconds = _train_and_save(config, cfg, out, overwrite, progress, log, tensorboard, group, device)
+        history, seconds, parent = _train_and_save(config, cfg, out, overwrite, progress, log, tensorboard, group, device, init)
         group.barrier()  # a rank finishes only once the run is saved: a failure there fails them all
     log = log or _quiet
 
@@ -168,6 +170,7 @@ def train_run(
         "epochs": len(history),
         **({"kept_epoch": history.kept_epoch} if history.kept_epoch else {}),
         "seconds": seconds,
+        **({"parent": parent} if parent else {}),
         **{k: final[k] for k in FINAL_METRICS if k in final},  # no val_* without a validation set
         "history": history,
     }
@@ -178,8 +181,9 @@ def train_run(
     return summary
 
 
-def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboard, group: Group, device) -> tuple[list[dict], float]:
-    """``train_run``'s work, on one rank of ``group``: (history, seconds of training)."""
+def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboard, group: Group, device,
+                    init=None) -> tuple[list[dict], float, dict | None]:
+    """``train_run``'s work, on one rank of ``group``: (history, seconds of training, the parent's record)."""
     log_warnings = log  # skipped files are worth a line even when progress is quiet (None: stderr)
     log = log or _quiet
     if tensorboard:
@@ -189,6 +193,7 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
 
     # refuses an existing --out before any work; the other ranks write nothing
     with staged_dir(out, overwrite) if group.main else contextlib.nullcontext() as stage:
+        parent_run = _load_parent(init, device) if init else None  # a bad --init fails before the data is read
         data, test = load_training_data(config, progress, log_warnings)
         split = split_for(config, len(data))
         # ranks started with other settings or data would average different gradients
@@ -205,9 +210,11 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
         cfg.epochs = config["epochs"] = cfg.epochs_for(len(train_idx))  # recorded as trained, not as "default"
         torch.manual_seed(cfg.seed)
         model = LogisticRegression(data.input_shape, len(data.classes)).to(device)
+        initial = _in_data_order(init, *parent_run[:2], data) if parent_run else None
         validating = f"validating on {len(val_idx)}" if len(val_idx) else "no validation set"
         ranks = f", {group.world_size} processes" if group.active else ""
-        log(f"training on {len(train_idx)} {config['dataset']} images, {validating} ({cfg.describe()}, {cfg.epochs} epochs, {device}{ranks})")
+        log(f"training on {len(train_idx)} {config['dataset']} images, {validating} ({cfg.describe()}, {cfg.epochs} epochs, "
+            f"{inputs_in_words(config, cfg)}, {device}{ranks})")
 
         board = None
         if tensorboard:  # inside the staging dir by default, so the events move with the run
@@ -226,14 +233,16 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
 
         start = time.perf_counter()
         try:
-            history = fit(model, x_train, y[train_idx], x_val, y[val_idx], cfg, progress=progress, on_epoch=report, group=group)
+            history = fit(model, x_train, y[train_idx], x_val, y[val_idx], cfg, progress=progress, on_epoch=report, group=group,
+                          init=initial)
         except BaseException:
             if board:
                 board.close()
             raise
         seconds = time.perf_counter() - start
+        lineage = parent_run[2] if parent_run else None
         if not group.main:
-            return history, seconds
+            return history, seconds, lineage
         say_how_it_ended(history, cfg, log)
         if len(val_idx):
             say_recall_if_imbalanced(model, x_val, y[val_idx], y[train_idx], data.classes, log, cfg.class_weight == "balanced")
@@ -244,6 +253,8 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
         record = dict(config, device_used=str(device), world_size=group.world_size, **_environment())
         record.update(epochs_trained=len(history), kept_epoch=history.kept_epoch, stopped_early=history.stopped_early,
                       temperature=model.temperature, novelty_threshold=model.novelty.threshold)
+        if lineage:
+            record["parent"] = lineage
         write_json(stage / "config.json", record)
         write_json(stage / "split.json", split)
         if config["dataset"] in FOLDER_KINDS:
@@ -261,6 +272,7 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
             "epochs": len(history),
             "kept_epoch": history.kept_epoch,
             "created": record["created"],
+            **({"parent": lineage} if lineage else {}),
         }
         save_model(stage / CHECKPOINT_NAME, model, metadata)
         from .plots import plot_curves  # matplotlib: only where a figure is drawn
@@ -268,7 +280,46 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
         plot_curves(history, stage / "curves.png", title=f"{config['dataset']} — logistic regression", kept_epoch=history.kept_epoch)
         if board:
             board.finish(model, data.classes, step=len(history))  # closes the event files before the rename
-    return history, seconds
+    return history, seconds, lineage
+
+
+def _load_parent(init, device) -> tuple:
+    """``--init``'s model, its metadata, and its record as a parent (path and SHA-256 of its weights)."""
+    from .checkpoint import load_model, resolve_checkpoint
+    from .lineage import weights_record
+
+    checkpoint = resolve_checkpoint(init)
+    model, meta = load_model(checkpoint, device=device)
+    return model, meta, weights_record(checkpoint)
+
+
+def _in_data_order(init, parent: LogisticRegression, meta: dict, data: ImageSet) -> LogisticRegression:
+    """The parent's weights with its classes in the data's order; a UsageError naming ``--init`` unless
+    the data has the parent's classes (by name, index or leading digit) and input shape."""
+    from .lineage import class_order
+
+    if tuple(parent.input_shape) != tuple(data.input_shape):
+        raise UsageError(f"--init {init}: its model takes {'x'.join(map(str, parent.input_shape))} inputs, "
+                         f"but the {data.dataset} images are {'x'.join(map(str, data.input_shape))}")
+    try:
+        order = class_order(meta["classes"], data.classes)
+    except UsageError as exc:
+        raise UsageError(f"--init {init}: {exc}") from None
+    start = LogisticRegression(parent.input_shape, parent.num_classes).to(parent.device)
+    with torch.no_grad():
+        start.linear.weight.copy_(parent.linear.weight[order])
+        start.linear.bias.copy_(parent.linear.bias[order])
+    return start
+
+
+def inputs_in_words(config: dict, cfg: TrainConfig) -> str:
+    """What is done to the images and their losses before fitting, for the start line."""
+    words = ["deskewed" if config.get("deskew") else "pixels / 255"]
+    if config.get("image_size"):
+        words.append("decoded at " + "x".join(map(str, config["image_size"])))
+    if cfg.class_weight == "balanced":
+        words.append("balanced class weights")
+    return ", ".join(words)
 
 
 def confidence_line(fitted: dict) -> str:

@@ -23,6 +23,9 @@ from .metrics import loss_and_accuracy
 from .settings import DEFAULT_LR, OPTIMIZERS, SCHEDULES, TrainConfig  # noqa: F401  (importable from here too)
 from .stream import StreamedImages
 
+# A loss this many times that of a model that knows nothing (log of the classes) is no step
+# towards a fit: the learning rate throws the weights ever further (found at once, not only at NaN).
+DIVERGED = 10
 SMALL_STEP = 1 << 20  # input elements per step below which one CPU thread is faster than several
 
 
@@ -66,6 +69,7 @@ def fit(
     progress: bool = False,
     on_epoch=None,
     group: Group = SINGLE,
+    init=None,
 ) -> "History":
     """Train ``model`` in place; return one record per epoch (a ``History``: a list that also
     says which epoch's weights the model ends with, and whether training stopped early).
@@ -90,8 +94,13 @@ def fit(
     epoch of least validation loss (a later epoch wins a near tie, within 0.1%), and minibatch
     training stops once that has not improved by 0.1% for ``cfg.patience_for(epochs)`` epochs.
     ``class_weight="balanced"`` weighs each image's loss by n / (classes x its class's count).
+
+    ``init``: a model of the same classes and input shape whose weights ``model`` starts from
+    (continued training) instead of its own.
     """
     cfg = (cfg or TrainConfig()).check()
+    if init is not None:
+        start_from(model, init)
     device = model.device
     streamed = isinstance(x_train, StreamedImages)
     if streamed and cfg.optimizer == "lbfgs":
@@ -141,10 +150,12 @@ def fit(
             if validate:
                 record["val_loss"], record["val_accuracy"] = _loss_and_accuracy(model, x_val, y_val, group)
             record.update(lr=lr, seconds=time.perf_counter() - start, **extra)
-            if not (math.isfinite(train_loss) and math.isfinite(record.get("val_loss", 0.0))):
+            worst = max(train_loss, record.get("val_loss", 0.0))
+            if not math.isfinite(worst) or worst > DIVERGED * math.log(max(model.num_classes, 2)):
                 raise DivergedError(
-                    f"training diverged: the loss became {train_loss} in epoch {epoch} with learning rate "
-                    f"{cfg.lr} ({cfg.optimizer}); try a smaller --lr"
+                    f"training diverged: the loss became {worst:.6g} in epoch {epoch} (a model that knows nothing "
+                    f"scores {math.log(max(model.num_classes, 2)):.2f}) with learning rate {cfg.lr} ({cfg.optimizer}); "
+                    "try a smaller --lr"
                 )
             history.append(record)
             if on_epoch is not None:
@@ -161,6 +172,17 @@ def fit(
         best.restore()
         history.kept_epoch = best.epoch
     return history
+
+
+@torch.no_grad()
+def start_from(model, init) -> None:
+    """Copy ``init``'s weights into ``model``; a UsageError unless both take the same inputs and classes."""
+    want, have = (tuple(model.input_shape), model.num_classes), (tuple(init.input_shape), init.num_classes)
+    if want != have:
+        raise UsageError(f"cannot start from a model of {'x'.join(map(str, have[0]))} inputs and {have[1]} classes: "
+                         f"this one takes {'x'.join(map(str, want[0]))} inputs and {want[1]} classes")
+    model.linear.weight.copy_(init.linear.weight)
+    model.linear.bias.copy_(init.linear.bias)
 
 
 class History(list):
@@ -422,3 +444,62 @@ def _chunked_loss_and_accuracy(model, x, y, group: Group = SINGLE) -> tuple[floa
     with one_thread():
         totals = parts.sum(0)
     return totals[0].item() / len(y), totals[1].item() / len(y)
+
+
+# --- learning after training: a few exact steps from the current weights ---------------------
+# A logistic regression is convex and small: a handful of new images is learnt in a few full-batch
+# steps of the closed-form gradient, in milliseconds (``LogisticRegression.partial_fit``, the
+# server's corrections). The caller mixes in a replay of old images itself, so the model does not
+# forget them; ``max_change`` bounds how far one call may move the weights, whatever the labels.
+
+STEPS = 10  # full-batch steps per call
+LR = 0.05  # a safe step for [0, 1] inputs: the objective's curvature is at most ~||x||^2 / 2
+
+
+@torch.no_grad()
+def gradient_steps(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int = STEPS,
+    lr: float = LR,
+    sample_weight: torch.Tensor | None = None,
+    max_change: float | None = None,
+) -> float:
+    """Take ``steps`` plain gradient steps on the mean cross-entropy of ``(x, y)`` (each image's
+    loss weighted by ``sample_weight`` when given); return the loss before the first step.
+
+    With ``max_change``, the parameters end at most that far (L2 norm over weight and bias
+    together) from where they started: a burst of wrong labels moves the model a bounded step.
+    """
+    weight, bias = model.linear.weight, model.linear.bias
+    x = x.to(weight.device, weight.dtype).reshape(len(x), -1)
+    y = y.to(weight.device)
+    hot = target_rows(y, model.num_classes, None, x.dtype)
+    weighted = sample_weight is not None
+    if weighted:
+        hot.mul_(sample_weight.to(hot)[:, None])
+    rows = hot.sum() if weighted else len(x)  # the weighted mean divides by the total weight
+    start = [weight.detach().clone(), bias.detach().clone()]
+    first = None
+    for _ in range(steps):
+        loss_sum, _ = batch_gradient(model, x, y, hot, rows=rows, weighted=weighted)
+        if first is None:
+            first = float(loss_sum) / float(rows)
+        weight.sub_(weight.grad, alpha=lr)
+        bias.sub_(bias.grad, alpha=lr)
+    weight.grad = bias.grad = None
+    if max_change is not None:
+        clip_change(weight, bias, start, max_change)
+    return first if first is not None else float("nan")
+
+
+def clip_change(weight, bias, start, max_change: float) -> None:
+    """Pull ``(weight, bias)`` back along the line to ``start`` until within ``max_change`` of it."""
+    dw, db = weight - start[0], bias - start[1]
+    norm = torch.sqrt(dw.pow(2).sum() + db.pow(2).sum()).item()
+    if norm > max_change:
+        scale = max_change / norm
+        weight.copy_(start[0] + dw * scale)
+        bias.copy_(start[1] + db * scale)

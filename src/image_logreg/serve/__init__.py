@@ -2,7 +2,8 @@
 
 ``registry`` holds the loaded models, ``protocol`` speaks the inference protocol, ``app``
 routes requests, ``hot`` answers the two routes that carry the load ahead of FastAPI, ``guard`` checks tokens and limits and logs every request, ``metrics``
-counts for Prometheus, ``server`` binds and runs; ``static/`` is the page.
+counts for Prometheus, ``feedback`` takes corrections and ``learning`` learns from them,
+``server`` binds and runs; ``static/`` is the page.
 """
 
 from .app import create_app

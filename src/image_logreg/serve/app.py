@@ -11,7 +11,6 @@ from importlib import resources
 from urllib.parse import quote
 
 import anyio
-import orjson
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,10 +24,12 @@ from ..errors import ImageError, ImageTooLargeError
 from ..predict import explain, predict_file
 from ..preprocess import MAX_PIXELS, header_size, too_many_pixels
 from . import protocol
+from .feedback import Feedback, register_feedback_routes
 from .guard import Guard
 from .hot import HotRoutes, read_body
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import ErrorResponse, InferenceRequest, InferenceResponse, ModelMetadata, ProtocolError, ServerMetadata
+from .protocol import (ErrorResponse, InferenceRequest, InferenceResponse, JSONResponse, ModelMetadata, ProtocolError, ServerMetadata,
+                       predict_options)
 from .registry import VERSION, ServedModel
 
 MAX_BODY = 8 * 1024 * 1024
@@ -49,13 +50,6 @@ STATIC = resources.files("image_logreg.serve") / "static"
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 415)}
 
 
-class JSONResponse(Response):
-    media_type = "application/json"
-
-    def render(self, content) -> bytes:
-        return orjson.dumps(content)
-
-
 def create_app(
     models: dict[str, ServedModel],
     *,
@@ -66,11 +60,13 @@ def create_app(
     body_timeout: float | None = None,
     max_buffered: int | None = None,
     cors_origins: list[str] | None = None,
+    feedback: Feedback | None = None,
     log=None,
 ) -> Guard:
     """The ASGI application serving ``models``. ``token`` set: every API request needs it.
     ``max_pixels``: the largest image decoded; a request's images may hold ``REQUEST_PIXELS_FACTOR``
-    times that together. ``body_timeout`` and ``max_buffered``: see ``Guard`` (None: no limit)."""
+    times that together. ``body_timeout`` and ``max_buffered``: see ``Guard`` (None: no limit).
+    ``feedback``: where corrections go and which models learn from them (None: none are taken)."""
     metrics = Metrics()
     app = FastAPI(
         # a redirect for a trailing slash would build its URL from the client's Host header
@@ -124,12 +120,12 @@ def create_app(
     @app.get("/v2/models", tags=["metadata"])
     async def list_models() -> dict:
         """Every served model's metadata, in the order given to ``serve``."""
-        return {"models": [m.metadata() for m in models.values()]}
+        return {"models": [inference.metadata(name) for name in models]}
 
     @app.get("/v2/models/{name}", response_model=ModelMetadata, responses=ERRORS, tags=["metadata"])
     @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS, tags=["metadata"])
     async def model_metadata(name: str, version: str | None = None):
-        return inference.model(name, version).metadata()
+        return inference.metadata(name, version)
 
     @app.get("/v2/models/{name}/ready", responses=ERRORS, tags=["health"])
     @app.get("/v2/models/{name}/versions/{version}/ready", responses=ERRORS, tags=["health"])
@@ -151,6 +147,7 @@ def create_app(
     async def favicon():  # every browser asks for it, whatever the page links
         return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon")
 
+    register_feedback_routes(app, inference, feedback, token=bool(token))
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     _document_request_schema(app)
 
@@ -175,13 +172,30 @@ class Inference:
         self.max_images = max_images
         self.max_pixels = max_pixels
         self.decode_slots = anyio.CapacityLimiter(DECODE_SLOTS)
+        self.feedback = None  # set with the feedback route (``feedback``)
+        self.learners = {}  # name: OnlineLearner, for the models that learn from corrections
 
     def model(self, name: str, version: str | None = None) -> ServedModel:
         if name not in self.models:
             raise ProtocolError(f"unknown model {name!r}; this server has {', '.join(self.models)}", 404)
+        if self.learners and name in self.learners:
+            learner = self.learners[name]
+            served = learner.served(version)
+            if served is None:
+                raise ProtocolError(f"model {name!r} has versions {', '.join(learner.versions())}, not {version!r}", 404)
+            return served
         if version not in (None, "", VERSION):
             raise ProtocolError(f"model {name!r} has version {VERSION} only, not {version!r}", 404)
         return self.models[name]
+
+    def metadata(self, name: str, version: str | None = None) -> dict:
+        """The model's protocol metadata: every version it answers for, and whether it takes corrections."""
+        metadata = self.model(name, version).metadata()
+        if name in self.learners:
+            metadata["versions"] = self.learners[name].versions()
+        if self.feedback is not None:
+            metadata["parameters"]["feedback"] = self.feedback.describe(name)
+        return metadata
 
     def infer(self, name: str, version: str | None, body: bytes) -> dict:
         model = self.model(name, version)
@@ -198,8 +212,8 @@ class Inference:
         request whose other files hold too many pixels together is refused whole (413). With no file
         predicted the answer is the error alone: 413 if every file was too large, else 422.
         """
-        model, top_k, normalize, explain_, filename = _predict_options(query)
-        chosen = self.model(model) if model is not None else next(iter(self.models.values()))
+        model, top_k, normalize, explain_, filename = predict_options(query)
+        chosen = self.model(model if model is not None else next(iter(self.models)))
         uploads = await _uploads(content_type, scope, receive, filename, self.max_images)
         sizes = [header_size(data) for _, data in uploads]
         refused = self._oversized(uploads, sizes)
@@ -289,26 +303,6 @@ PREDICT_PARAMETERS = [
      "description": "add all probabilities, what the model saw and each pixel's evidence"},
     {"name": "filename", "in": "query", "schema": {"type": "string"}, "description": "the name to report as `source` for a raw body"},
 ]
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _predict_options(query) -> tuple[str | None, int, bool, bool, str | None]:
-    given = query.get("top_k", "3")
-    try:
-        top_k = int(given)
-    except ValueError:  # str.isdigit() would let '²' through to int()
-        top_k = 0
-    if top_k < 1:
-        raise ProtocolError(f"top_k: must be a whole number of at least 1, got {given!r}")
-    flags = []
-    for name, default in (("normalize", True), ("explain", False)):
-        value = query.get(name, str(default)).strip().lower()
-        if value not in _TRUE | _FALSE:
-            raise ProtocolError(f"{name}: must be true or false, got {query.get(name)!r}")
-        flags.append(value in _TRUE)
-    return query.get("model"), top_k, flags[0], flags[1], query.get("filename")
-
-
 async def _uploads(content_type: str, scope, receive, filename: str | None, max_images: int) -> list[tuple[str, bytes]]:
     """(name, bytes) of each uploaded image: multipart ``files``, or the raw body as one image."""
     content_type = content_type.split(";")[0].strip().lower()

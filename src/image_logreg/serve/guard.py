@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import sys
 import time
 
@@ -19,6 +20,15 @@ OPEN_PREFIXES = ("/static/",)
 # The body deadlines are checked by one timer for all requests, every half second at most
 # (less for short deadlines), so a 408 comes at most that late.
 SWEEP_SECONDS = 0.5
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Guard:

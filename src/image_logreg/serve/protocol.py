@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
-from .registry import NOVELTY_OUTPUTS, OUTPUTS, VERSION, ServedModel
+from .registry import NOVELTY_OUTPUTS, OUTPUTS, ServedModel
 
 INPUT_NAME = "input"
 DATATYPES = {"UINT8": (0, 255), "FP32": (0.0, 1.0)}
@@ -210,7 +211,35 @@ def infer(served: ServedModel, images: torch.Tensor, outputs: list[str], request
         "rejected": lambda: {"name": "rejected", "datatype": "BOOL", "shape": [n], "data": rejected.tolist()},
         "ood_score": lambda: {"name": "ood_score", "datatype": "FP32", "shape": [n], "data": scores.tolist()},
     }
-    response = {"model_name": served.name, "model_version": VERSION, "outputs": [tensors[name]() for name in outputs]}
+    response = {"model_name": served.name, "model_version": served.version, "outputs": [tensors[name]() for name in outputs]}
     if request_id is not None:
         response["id"] = request_id
     return response
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content) -> bytes:
+        return orjson.dumps(content)
+
+
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
+def predict_options(query) -> tuple[str | None, int, bool, bool, str | None]:
+    """``/predict``'s query (also the feedback route's): model, top_k, normalize, explain, filename."""
+    given = query.get("top_k", "3")
+    try:
+        top_k = int(given)
+    except ValueError:  # str.isdigit() would let '²' through to int()
+        top_k = 0
+    if top_k < 1:
+        raise ProtocolError(f"top_k: must be a whole number of at least 1, got {given!r}")
+    flags = []
+    for name, default in (("normalize", True), ("explain", False)):
+        value = query.get(name, str(default)).strip().lower()
+        if value not in _TRUE | _FALSE:
+            raise ProtocolError(f"{name}: must be true or false, got {query.get(name)!r}")
+        flags.append(value in _TRUE)
+    return query.get("model"), top_k, flags[0], flags[1], query.get("filename")

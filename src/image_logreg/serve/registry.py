@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..model import LogisticRegression
 from ..preprocess import PREPROCESSING, digit_box
 
-VERSION = "1"  # one version per served name; the protocol's paths may still name it
+VERSION = "1"  # the checkpoint as loaded; with serve --learn each correction makes the next (``learning``)
 OUTPUTS = ("probabilities", "class_index")
 # Only a model with a fitted novelty score (``confidence``) can say an input is unlike its data.
 NOVELTY_OUTPUTS = ("rejected", "ood_score")
@@ -27,6 +27,7 @@ class ServedModel:
     model: LogisticRegression
     meta: dict
     path: Path
+    version: str = VERSION
     classes: list[str] = field(init=False)
     outputs: tuple[str, ...] = field(init=False)  # the output tensors this model answers with
 
@@ -88,7 +89,7 @@ class ServedModel:
                         {"name": "ood_score", "datatype": "FP32", "shape": [-1]}]
         return {
             "name": self.name,
-            "versions": [VERSION],
+            "versions": [self.version],
             "platform": "image-logreg",
             "inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, *self.input_shape]}],
             "outputs": outputs,

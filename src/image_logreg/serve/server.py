@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import signal
 import socket
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UsageError
+from .guard import is_loopback
 
 TOKEN_ENV = "IMAGE_LOGREG_TOKEN"
 # Requests in flight get this long to finish once a shutdown signal arrives.
@@ -25,15 +25,6 @@ MAX_CONNECTIONS = 1000
 MAX_BUFFERED = 128 * 1024 * 1024
 TOKEN_MIN_LENGTH = 16
 MAKE_TOKEN = 'python -c "import secrets; print(secrets.token_urlsafe(32))" > token.txt'
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(token_file: str | None) -> str | None:
@@ -159,15 +150,23 @@ def serve(
     keep_alive: float | None = None,
     max_connections: int | None = None,
     max_buffered: int | None = None,
+    learn: bool = False,
+    feedback_dir: str | None = None,
+    max_feedback: int | None = None,
+    feedback_rate: float | None = None,
+    max_drop: float | None = None,
+    data_dir: str | None = None,
     out=sys.stdout,
 ) -> None:
-    """Serve ``specs`` (``NAME=PATH`` or ``PATH``) until interrupted; requests in flight finish."""
+    """Serve ``specs`` (``NAME=PATH`` or ``PATH``) until interrupted; requests in flight finish.
+    ``learn`` ... ``max_drop``: corrections (``feedback``), stored and, with ``learn``, learnt from."""
     import torch
     import uvicorn
 
     from ..train import resolve_device
     from .app import MAX_BODY, MAX_IMAGES, MAX_PIXELS, create_app
     from .connections import protocol_class
+    from .feedback import setup_feedback
     from .registry import load_models
 
     token = read_token(token_file)
@@ -182,16 +181,20 @@ def serve(
     check_connection_limits(header_timeout, body_timeout, keep_alive, max_connections, max_buffered,
                             max_body or MAX_BODY)
     models = load_models(specs, dataset=dataset, device=resolve_device(device))
+    feedback = setup_feedback(models, learn=learn, feedback_dir=feedback_dir, max_feedback=max_feedback,
+                              rate=feedback_rate, max_drop=max_drop, data_dir=data_dir)
     # Requests are small: one thread each answers faster than several sharing one product.
     torch.set_num_threads(1)
     app = create_app(models, token=token, max_body=max_body or MAX_BODY, max_images=max_images or MAX_IMAGES,
                      max_pixels=max_pixels or MAX_PIXELS, body_timeout=body_timeout, max_buffered=max_buffered,
-                     cors_origins=cors_origins)
+                     cors_origins=cors_origins, feedback=feedback)
     sock = bind(host, port)
     url = url_for(sock)
     for model in models.values():
         meta = model.meta
         print(f"model {model.name}: {meta.get('dataset')}, {len(model.classes)} classes, from {model.path}", file=out)
+        if feedback is not None:
+            print(_feedback_line(feedback, model.name), file=out)
     print(f"serving {len(models)} model(s) at {url} (page: {url}, API: {url}v2){' with token' if token else ''}",
           file=out, flush=True)
     protocol = protocol_class(http, header_timeout=header_timeout, body_timeout=body_timeout,
@@ -201,3 +204,13 @@ def serve(
     server = _graceful_server_class()(config)
     server.run(sockets=[sock])
     print(f"server stopped{' by ' + server.stopped_by if server.stopped_by else ''}", file=sys.stderr, flush=True)
+
+
+def _feedback_line(feedback, name: str) -> str:
+    folder = feedback.stores[name].folder
+    learner = feedback.learners.get(name)
+    if learner is None:
+        return f"  corrections stored in {folder} (not learnt: --learn learns from them)"
+    return (f"  corrections stored in {folder} and learnt: {learner.replay_size:,} training images replayed, "
+            f"test accuracy {learner.baseline:.4f} checked every {learner.check_every} corrections "
+            f"(rolled back past {learner.max_drop:g} points lower)")

@@ -54,6 +54,12 @@
     seenHow: $("seen-how"),
     evidenceSum: $("evidence-sum"),
     error: $("error"),
+    modelVersion: $("model-version"),
+    feedback: $("feedback"),
+    feedbackLabel: $("feedback-label"),
+    feedbackClasses: $("feedback-classes"),
+    feedbackStatus: $("feedback-status"),
+    feedbackNotice: $("feedback-notice"),
     tokenForm: $("token-form"),
     token: $("token"),
     tokenLabel: document.querySelector("label[for=token]"),
@@ -77,6 +83,8 @@
     seq: 0, // request counter: only the answer to the latest request is shown
     timer: null,
     retry: null, // what to do again once a token has been entered
+    answered: false, // an answer about the image now on the pad is shown: it can be corrected
+    versions: {}, // model name: the version serving now, as the last correction's answer said
   };
 
   // ---- talking to the server ------------------------------------------------------------------
@@ -177,6 +185,7 @@
     ui.model.value = state.model.name;
     describeModel(state.model);
     buildBars(classesOf(state.model));
+    buildCorrections(state.model);
     clearResult();
     if (state.source) predictNow();
   }
@@ -312,6 +321,7 @@
         body: input.body,
       });
       if (seq !== state.seq) return; // an answer to an older image: a newer request is on its way
+      hideCorrectionWords();
       showResult(results[0]);
     } catch (error) {
       if (seq !== state.seq) return;
@@ -355,6 +365,8 @@
     if (result.seen) drawSeen(result.seen);
     if (result.evidence) drawEvidence(result.evidence);
     describeEvidence(name, result.evidence, result.bias);
+    state.answered = true;
+    showCorrections();
   }
 
   function setRejected(rejected) {
@@ -381,6 +393,8 @@
   }
 
   function clearResult() {
+    state.answered = false;
+    hideCorrections();
     setRejected(false);
     ui.prediction.textContent = "";
     delete ui.prediction.dataset.index;
@@ -514,6 +528,131 @@
   function hideError() {
     ui.error.textContent = "";
     ui.error.hidden = true;
+  }
+
+  // ---- corrections: "It's a ..." ---------------------------------------------------------------
+
+  // A server started with --feedback-dir or --learn takes corrections: the image now on the pad
+  // and its right class. With --learn the model learns it at once, as a new version, and the
+  // answer it gives then is shown in place of the old one.
+  function feedbackOf(model) {
+    return (model && model.parameters && model.parameters.feedback) || null;
+  }
+
+  function buildCorrections(model) {
+    const feedback = feedbackOf(model);
+    ui.feedbackClasses.replaceChildren(
+      ...(feedback ? classesOf(model) : []).map((name, index) => {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "class-button";
+        button.dataset.index = String(index);
+        button.textContent = shortName(name);
+        button.title = name;
+        button.setAttribute("aria-label", `It's ${name}`);
+        button.addEventListener("click", () => sendCorrection(index));
+        return button;
+      })
+    );
+    const live = state.versions[model.name] || model.versions[model.versions.length - 1];
+    showVersion(feedback && feedback.learn ? live : null);
+  }
+
+  // MNIST's classes are "0 - zero" ... "9 - nine": a button shows the digit.
+  function shortName(name) {
+    const head = name.split(" - ")[0];
+    return head && head !== name && head.length <= 3 ? head : name;
+  }
+
+  function showVersion(version) {
+    ui.modelVersion.hidden = version === null;
+    ui.modelVersion.textContent = version === null ? "" : `version ${version}`;
+    ui.modelVersion.dataset.version = version === null ? "" : version;
+  }
+
+  function showCorrections() {
+    ui.feedback.hidden = !(feedbackOf(state.model) && state.answered);
+    // "Not a digit?" is a question: the buttons answer it
+    ui.feedbackLabel.textContent = ui.resultCard.classList.contains("rejected") ? "It's a" : "Wrong? It's a";
+  }
+
+  function hideCorrections() {
+    ui.feedback.hidden = true;
+    setCorrectionBusy(false);
+    hideCorrectionWords();
+    ui.feedbackNotice.textContent = "";
+    ui.feedbackNotice.hidden = true;
+  }
+
+  // What was said about the last correction belongs to its image; a rollback notice stays.
+  function hideCorrectionWords() {
+    ui.feedbackStatus.textContent = "";
+    ui.feedbackStatus.hidden = true;
+    delete ui.feedbackStatus.dataset.stored;
+    delete ui.feedbackStatus.dataset.version;
+  }
+
+  function setCorrectionBusy(busy) {
+    ui.feedback.setAttribute("aria-busy", String(busy));
+    for (const button of ui.feedbackClasses.children) button.disabled = busy;
+  }
+
+  async function sendCorrection(index) {
+    const seq = state.seq; // the answer being corrected; a newer drawing makes it stale
+    const input = await currentInput();
+    if (!input || !state.model) return;
+    const model = state.model;
+    setCorrectionBusy(true);
+    const params = new URLSearchParams({ label: String(index), top_k: String(TOP_K), explain: "true" });
+    if (input.name) params.set("filename", input.name);
+    try {
+      const body = await api(`/v2/models/${encodeURIComponent(model.name)}/feedback?${params}`, {
+        method: "POST",
+        headers: { "Content-Type": input.type },
+        body: input.body,
+      });
+      if (body.learning) state.versions[model.name] = body.model_version;
+      if (model !== state.model) return;
+      if (body.learning) showVersion(body.model_version);
+      if (seq !== state.seq) return; // stored, but the pad holds another image now
+      showResult(body.result); // the new answer, from the version that learnt it
+      showCorrected(body);
+    } catch (error) {
+      handleFailure(error, () => sendCorrection(index));
+    } finally {
+      setCorrectionBusy(false);
+    }
+  }
+
+  function showCorrected(body) {
+    const name = shortName(body.label);
+    let words = `Stored as ${name} (${body.stored}).`;
+    if (!body.learning) {
+      words += " This server keeps corrections for a later run (image-logreg learn) and does not learn them now.";
+    } else if (body.rolled_back) {
+      words += ` The model reads it as ${shortName(body.result.label)} now.`;
+    } else if (body.steps === 0) {
+      words += ` The model already reads it as ${name}: nothing to learn (version ${body.model_version}).`;
+    } else if (body.answered) {
+      words += ` Learnt: version ${body.model_version} reads it as ${name}.`;
+    } else {
+      words += ` Learnt as far as one correction may move the model: version ${body.model_version} still reads it as ${shortName(body.result.label)}.`;
+    }
+    ui.feedbackStatus.textContent = words;
+    ui.feedbackStatus.dataset.stored = body.stored;
+    ui.feedbackStatus.dataset.version = body.model_version;
+    ui.feedbackStatus.hidden = false;
+    const back = body.rolled_back;
+    ui.feedbackNotice.hidden = !back;
+    ui.feedbackNotice.textContent = back
+      ? `After these corrections the model's test accuracy fell to ${percentOf(back.accuracy)}, more than ${back.max_drop} `
+        + `point${back.max_drop === 1 ? "" : "s"} below the original's ${percentOf(back.baseline)}: `
+        + `it went back from version ${back.from} to version ${back.to}.`
+      : "";
+  }
+
+  function percentOf(accuracy) {
+    return `${(100 * accuracy).toFixed(1)}%`;
   }
 
   // ---- the drawing pad ------------------------------------------------------------------------
