@@ -76,8 +76,29 @@ def create_app(
     )
     inference = Inference(models, metrics, max_images, max_pixels)
     _add_error_handlers(app)
+    register_upload_routes(app, inference)
+    register_oip_routes(app, inference)
+    register_operations_routes(app, metrics)
+    register_feedback_routes(app, inference, feedback, token=bool(token))
+    register_page_routes(app)  # last: it mounts /static
+    _document_request_schema(app)
 
-    # --- image files -------------------------------------------------------------------------
+    routes = {route.name: route for route in app.routes if getattr(route, "name", None) in HotRoutes.NAMES}
+    guarded = Guard(HotRoutes(app, inference, routes), metrics=metrics, token=token, max_body=max_body,
+                    body_timeout=body_timeout, max_buffered=max_buffered, log=log)
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        return CORSMiddleware(guarded, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                              allow_headers=["Authorization", "Content-Type"])
+    return guarded
+
+
+# --- the routes, one function per protocol ------------------------------------------------
+
+
+def register_upload_routes(app: FastAPI, inference: "Inference") -> None:
+    """``POST /predict``: image files in, what ``predict --json`` prints out."""
 
     @app.post("/predict", responses=ERRORS, tags=["images"], openapi_extra={"parameters": PREDICT_PARAMETERS})
     async def predict(request: Request) -> list[dict]:
@@ -85,8 +106,9 @@ def create_app(
         content_type = request.headers.get("content-type", "")
         return JSONResponse(await inference.predict(request.query_params, content_type, request.scope, request.receive))
 
-    # --- Open Inference Protocol ---------------------------------------------------------
 
+def register_oip_routes(app: FastAPI, inference: "Inference") -> None:
+    """The Open Inference Protocol (v2): infer, health, server and model metadata, readiness."""
     infer_doc = {
         "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}}}},
         "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
@@ -120,7 +142,7 @@ def create_app(
     @app.get("/v2/models", tags=["metadata"])
     async def list_models() -> dict:
         """Every served model's metadata, in the order given to ``serve``."""
-        return {"models": [inference.metadata(name) for name in models]}
+        return {"models": [inference.metadata(name) for name in inference.models]}
 
     @app.get("/v2/models/{name}", response_model=ModelMetadata, responses=ERRORS, tags=["metadata"])
     @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, responses=ERRORS, tags=["metadata"])
@@ -133,11 +155,17 @@ def create_app(
         inference.model(name, version)
         return {"name": name, "ready": True}
 
-    # --- operations and the page -------------------------------------------------------------
+
+def register_operations_routes(app: FastAPI, metrics: Metrics) -> None:
+    """``GET /metrics`` for Prometheus."""
 
     @app.get("/metrics", tags=["operations"], response_class=Response)
     async def prometheus_metrics():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+def register_page_routes(app: FastAPI) -> None:
+    """The page for people (``/``), its icon and its static files."""
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -147,19 +175,7 @@ def create_app(
     async def favicon():  # every browser asks for it, whatever the page links
         return FileResponse(STATIC / "favicon.ico", media_type="image/x-icon")
 
-    register_feedback_routes(app, inference, feedback, token=bool(token))
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    _document_request_schema(app)
-
-    routes = {route.name: route for route in app.routes if getattr(route, "name", None) in HotRoutes.NAMES}
-    guarded = Guard(HotRoutes(app, inference, routes), metrics=metrics, token=token, max_body=max_body,
-                    body_timeout=body_timeout, max_buffered=max_buffered, log=log)
-    if cors_origins:
-        from starlette.middleware.cors import CORSMiddleware
-
-        return CORSMiddleware(guarded, allow_origins=cors_origins, allow_methods=["GET", "POST"],
-                              allow_headers=["Authorization", "Content-Type"])
-    return guarded
 
 
 class Inference:
