@@ -71,8 +71,10 @@ def image_logreg_fit(data, cfg: TrainConfig, deskew: bool = False) -> dict:
     train_idx, val_idx = split_indices(len(x), 0.2, cfg.seed)
     torch.manual_seed(cfg.seed)
     model = LogisticRegression(tuple(images.shape[1:]), 10)
+    # the split is data preparation, as scikit-learn's x is: outside the timed fit
+    x_train, y_train, x_val, y_val = x[train_idx], labels[train_idx], x[val_idx], labels[val_idx]
     start = time.perf_counter()
-    history = fit(model, x[train_idx], labels[train_idx], x[val_idx], labels[val_idx], cfg)
+    history = fit(model, x_train, y_train, x_val, y_val, cfg)
     fit_seconds = time.perf_counter() - start
     return {
         "fit_seconds": fit_seconds,
@@ -187,6 +189,10 @@ def run(data_dir, quick: bool, repeats: int) -> dict:
     return results
 
 
+def data_epochs(results: dict) -> int:
+    return results["datasets"]["mnist"]["image_logreg"]["epochs"]
+
+
 def render(results: dict) -> str:
     m, speed, mnist, fresh = results["machine"], results["epoch_speed"], results["datasets"]["mnist"], results["fresh_process"]
     ours, sk = mnist["image_logreg"], mnist["sklearn"]
@@ -229,7 +235,7 @@ def render(results: dict) -> str:
     rows = [
         ("tutorial settings, 30 epochs" if not results["quick"] else "tutorial settings, 2 epochs", "tutorial"),
         ("scikit-learn `LogisticRegression()`", "sklearn"),
-        ("image-logreg defaults (Adam, 5 epochs)", "image_logreg"),
+        (f"image-logreg defaults (Adam, {data_epochs(results)} epochs)", "image_logreg"),
         ("image-logreg `--optimizer lbfgs --weight-decay 1e-4`", "image_logreg_lbfgs"),
         ("image-logreg `--deskew`", "image_logreg_deskew"),
     ]
