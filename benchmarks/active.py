@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small and few: checks the script, not the figures")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--update-results", action="store_true",
-                        help="replace this benchmark's blocks in benchmarks/results.md and README.md")
+                        help="replace this benchmark's blocks in benchmarks/results.md and the documentation (docs/)")
     args = parser.parse_args(argv)
     changed = [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value:g}" if isinstance(value, float) else f" {value}")
                for name, value in vars(args).items()
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"summary": summary, "per_seed": per_seed, "seconds": seconds}, indent=2) + "\n")
     if args.update_results:
         replace_block(ROOT / "benchmarks" / "results.md", "active", table, title="What to label next: `benchmarks/active.py`")
-        replace_block(ROOT / "README.md", "active-results", render(summary, args, seconds, ["random", "suggest"]))
+        replace_block(ROOT / "docs" / "learning.md", "active-results", render(summary, args, seconds, ["random", "suggest"]))
     print(table)
     ratio = summary["mnist"]["strategies"]["suggest"]["ratio"]
     return 0 if ratio is not None and ratio <= TARGET + 1e-9 else 1

@@ -12,8 +12,8 @@ Measures, on this machine and in this one process (scikit-learn in a child proce
 4. a fresh ``image-logreg train`` process end to end, with ``python -c "import torch"`` timed
    beside it, so that a one-off cost (an import, a first call) cannot hide inside a figure.
 
-Writes ``benchmarks/results.md`` (or ``--out``) and, with ``--update-readme``, the README's
-results table. scikit-learn runs in a child process without the OPENBLAS_CORETYPE /
+Writes ``benchmarks/results.md`` (or ``--out``) and, with ``--update-readme``, the results table in
+``docs/speed.md``. scikit-learn runs in a child process without the OPENBLAS_CORETYPE /
 OPENBLAS_L2_SIZE overrides some machines set, so it gets its fastest BLAS kernel.
 """
 
@@ -270,7 +270,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="epoch-speed repeats (median taken)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.md"))
     parser.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
-    parser.add_argument("--update-readme", action="store_true", help="replace the README's results table")
+    parser.add_argument("--update-readme", action="store_true", help="replace the results table in docs/speed.md")
     parser.add_argument("--sklearn-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sklearn_worker:
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.update_readme:
-        replace_block(ROOT / "README.md", "results", table)
+        replace_block(ROOT / "docs" / "speed.md", "results", table)
     print(table)
     return 0
 

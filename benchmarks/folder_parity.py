@@ -96,7 +96,7 @@ def main() -> int:
     if args.update_results:
         replace_block(ROOT / "benchmarks" / "results.md", "parity", text,
                       title="A folder of PNG files vs the IDX files: `benchmarks/folder_parity.py`")
-        replace_block(ROOT / "README.md", "parity-results", text)
+        replace_block(ROOT / "docs" / "own-images.md", "parity-results", text)
     return 0 if met else 1
 
 

@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="export only the first N images of each split")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (median taken)")
     parser.add_argument("--no-workers-row", action="store_true", help="leave out the num_workers=2 reference row")
-    parser.add_argument("--update-results", action="store_true", help="write the figures into results.md and the README")
+    parser.add_argument("--update-results", action="store_true", help="write the figures into results.md and the documentation (docs/)")
     parser.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
                                    encoding="utf-8")
     if args.update_results:
         replace_block(ROOT / "benchmarks" / "results.md", "folder", text, title="Loading image folders: `benchmarks/folder_speed.py`")
-        replace_block(ROOT / "README.md", "folder-results", text)
+        replace_block(ROOT / "docs" / "own-images.md", "folder-results", text)
     for row in (row for row, good in ok.items() if not good):
         print(f"missed: {LABELS[row]} is {figures[row]['speedup']:.1f}x the torchvision pass, target {TARGETS[row]:.0f}x",
               file=sys.stderr)

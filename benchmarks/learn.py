@@ -411,7 +411,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, the median taken (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     parser.add_argument("--update-results", action="store_true",
-                        help="replace this benchmark's blocks in benchmarks/results.md and README.md")
+                        help="replace this benchmark's blocks in benchmarks/results.md and the documentation (docs/)")
     args = parser.parse_args(argv)
     shares = [float(v) for v in args.shares.split(",")]
     results = measure(args.data_dir, args.seeds, shares, args.timing_images, args.repeats)
@@ -420,7 +420,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
     if args.update_results:
         replace_block(ROOT / "benchmarks" / "results.md", "learn", table, title="Learning new images: `benchmarks/learn.py`")
-        replace_block(ROOT / "README.md", "learn-results", table)
+        replace_block(ROOT / "docs" / "learning.md", "learn-results", table)
     print(table)
     return 0 if targets_met(results) else 1
 

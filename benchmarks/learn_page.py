@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     parser.add_argument("--digits", type=int, default=150, help="misread test digits corrected one at a time (default: %(default)s)")
     parser.add_argument("--corrections", type=int, default=60, help="page corrections timed (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="page corrections before timing (default: %(default)s)")
-    parser.add_argument("--update-results", action="store_true", help="write the figures into results.md and the README")
+    parser.add_argument("--update-results", action="store_true", help="write the figures into results.md and the documentation (docs/)")
     parser.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -340,7 +340,7 @@ def main(argv=None) -> int:
     if args.update_results:
         replace_block(ROOT / "benchmarks" / "results.md", "learn-page", text,
                       title="Correcting the page: `benchmarks/learn_page.py`")
-        replace_block(ROOT / "README.md", "learn-page-results", text)
+        replace_block(ROOT / "docs" / "serving.md", "learn-page-results", text)
     return 0 if all(ok for _, ok in checks(figures).values()) else 1
 
 

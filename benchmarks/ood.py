@@ -216,12 +216,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--keep", type=float, default=0.99)
-    parser.add_argument("--update-results", action="store_true", help="replace this benchmark's blocks in benchmarks/results.md and README.md")
+    parser.add_argument("--update-results", action="store_true", help="replace this benchmark's blocks in benchmarks/results.md and the documentation (docs/)")
     args = parser.parse_args(argv)
     table = render(measure(args.data_dir, args.keep))
     if args.update_results:
         replace_block(ROOT / "benchmarks" / "results.md", "ood", table, title="Knowing when it does not know: `benchmarks/ood.py`")
-        replace_block(ROOT / "README.md", "ood-results", table)
+        replace_block(ROOT / "docs" / "predicting.md", "ood-results", table)
     print(table)
     return 0
 

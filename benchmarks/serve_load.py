@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=10000, help="requests per single-image scenario")
     parser.add_argument("--batch-requests", type=int, default=200, help="requests of 256 images")
     parser.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto", help="the server's HTTP parser")
-    parser.add_argument("--update-results", action="store_true", help="write the figures into results.md and the README")
+    parser.add_argument("--update-results", action="store_true", help="write the figures into results.md and the documentation (docs/)")
     parser.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     args = parser.parse_args(argv)
 
@@ -281,9 +281,9 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
     if args.update_results:
         parser_used = parser_name(args.http)
-        if parser_used == parser_name("auto"):  # what `serve` uses by default: results.md and the README
+        if parser_used == parser_name("auto"):  # what `serve` uses by default: results.md and docs/serving.md
             replace_block(ROOT / "benchmarks" / "results.md", "serve", text, title="Serving: `benchmarks/serve_load.py`")
-            replace_block(ROOT / "README.md", "serve-results", text)
+            replace_block(ROOT / "docs" / "serving.md", "serve-results", text)
         else:
             replace_block(ROOT / "benchmarks" / "results.md", f"serve-{parser_used}", text,
                           title=f"Serving with `--http {parser_used}`")

@@ -158,7 +158,7 @@ def main() -> int:
     print(text)
     if args.update_results:
         replace_block(ROOT / "benchmarks" / "results.md", "stream", text, title="Streaming a set larger than memory: `benchmarks/stream_memory.py`")
-        replace_block(ROOT / "README.md", "stream-results", text)
+        replace_block(ROOT / "docs" / "scaling.md", "stream-results", text)
     return 0 if all(met for _, met in checks.values()) else 1
 
 

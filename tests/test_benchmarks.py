@@ -121,7 +121,7 @@ def test_serve_abuse_attacks_and_stops_by_itself(real_data, mnist_run, tmp_path)
 
 
 def test_ood_measures_every_set_against_the_baselines(real_data):
-    """The default runs trained, every set scored by the three scores; the figures themselves are the README's."""
+    """The default runs trained, every set scored by the three scores; the figures themselves are in docs/predicting.md."""
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ood.py"), "--data-dir", str(real_data)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -154,7 +154,7 @@ def test_active_quick_runs_every_ranking_on_both_pools(real_data, tmp_path):
 
 def test_learn_learns_the_style_and_keeps_mnist(real_data, tmp_path):
     """One set of drawings at the default --replay and a small timed run: the figures of target (a) hold
-    (the learning is deterministic on the CPU), and the comparisons rank as the README says."""
+    (the learning is deterministic on the CPU), and the comparisons rank as docs/learning.md says."""
     from image_logreg.settings import LEARN_REPLAY
 
     done = subprocess.run(

@@ -17,7 +17,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 TOLERANCE = 1e-5
-README = Path(__file__).resolve().parents[1] / "README.md"
+EXPORT_PAGE = Path(__file__).resolve().parents[1] / "docs" / "export.md"
 
 
 def assert_one_line_error(code, out, err, *fragments):
@@ -156,10 +156,10 @@ def test_export_model_refuses_unknown_format_and_leaves_model_alone(toy_runs, tm
 
 
 def test_readme_snippet_runs_with_numpy_and_onnxruntime_only(capsys, toy_data, toy_runs, tmp_path):
-    """The README's five lines, in a process where image_logreg and torch cannot be imported."""
-    snippet = re.search(r"## Export.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    """The export page's five lines, in a process where image_logreg and torch cannot be imported."""
+    snippet = re.search(r"# Export.*?```python\n(.*?)```", EXPORT_PAGE.read_text(), re.S).group(1)
     assert len(snippet.strip().splitlines()) == 5
-    export(capsys, toy_runs["plain"], tmp_path / "mnist.onnx")  # the name the README uses
+    export(capsys, toy_runs["plain"], tmp_path / "mnist.onnx")  # the name the export page uses
     np.save(tmp_path / "images.npy", dataset_images(toy_data)[:7])
     program = (
         "import sys\n"
@@ -192,7 +192,7 @@ def test_onnx_matches_on_the_whole_mnist_test_set(capsys, mnist_run, real_data, 
         export(capsys, run, out)
         got, want = onnx_probabilities(out, images), reference(run, images)
         diff = float(np.abs(got - want).max())
-        record_property(f"{run.name}_max_abs_difference", diff)  # the figure the README quotes (--junitxml)
+        record_property(f"{run.name}_max_abs_difference", diff)  # the figure the export page quotes (--junitxml)
         assert diff < TOLERANCE, diff
         assert np.array_equal(got.argmax(1), want.argmax(1))
 
