@@ -66,6 +66,7 @@ def new_images(tmp_path):
 
 def test_partial_fit_learns_from_the_current_weights(toy_data):
     x, y, x_val, y_val = toy_split(toy_data)
+    torch.manual_seed(1)  # a start from which the model misreads the new style (from some, it reads it already)
     model = LogisticRegression()
     fit(model, x, y, x_val, y_val, TrainConfig(epochs=3))
     x_new = to_float(torch.from_numpy(new_style(3, 20, 0)))
@@ -168,6 +169,14 @@ def test_train_init_of_other_classes_is_one_line(capsys, toy_data, parent, tmp_p
 
 
 # --- the new images --------------------------------------------------------------------------------
+
+
+def test_train_init_refuses_a_parent_with_other_deskewing(capsys, toy_data, parent, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--data-dir", toy_data, "--init", parent, "--deskew",
+                           "--out", tmp_path / "child", *FAST)
+    assert code == 2 and err.count("\n") == 1
+    assert f"--init {parent}: its model was trained without --deskew" in err
+    assert not (tmp_path / "child").exists()
 
 
 def test_hold_out_takes_a_share_of_each_class_rounded_down():

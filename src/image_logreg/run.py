@@ -194,6 +194,8 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
     # refuses an existing --out before any work; the other ranks write nothing
     with staged_dir(out, overwrite) if group.main else contextlib.nullcontext() as stage:
         parent_run = _load_parent(init, device) if init else None  # a bad --init fails before the data is read
+        if parent_run:
+            _check_same_inputs(init, parent_run[1], config)
         data, test = load_training_data(config, progress, log_warnings)
         split = split_for(config, len(data))
         # ranks started with other settings or data would average different gradients
@@ -291,6 +293,15 @@ def _load_parent(init, device) -> tuple:
     checkpoint = resolve_checkpoint(init)
     model, meta = load_model(checkpoint, device=device)
     return model, meta, weights_record(checkpoint)
+
+
+def _check_same_inputs(init, meta: dict, config: dict) -> None:
+    """The parent's weights read pixels as its own preprocessing made them: a deskewed model's
+    weights on raw pixels (or the other way round) would start from nowhere near a fit."""
+    deskewed = bool((meta.get("preprocessing") or {}).get("deskew"))
+    if deskewed != bool(config.get("deskew")):
+        raise UsageError(f"--init {init}: its model was trained {'with' if deskewed else 'without'} --deskew; "
+                         "train this run the same way")
 
 
 def _in_data_order(init, parent: LogisticRegression, meta: dict, data: ImageSet) -> LogisticRegression:
