@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .console import say
 from .distributed import DistributedError, env_rank, env_world_size
 from .errors import ImageLogregError, UsageError
 
@@ -58,8 +59,7 @@ def fail(message: str, code: int) -> int:
     return code
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+log = say  # every line for the user goes to stderr; stdout is the result
 
 
 def emit_json(data) -> None:

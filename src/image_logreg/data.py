@@ -177,6 +177,13 @@ def to_float(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.
     return images.to(device).float().div_(255.0)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images as a dataset stores them: float ones in [0, 1] back to uint8, rounded (uint8 as they are)."""
+    if images.dtype == torch.uint8:
+        return images
+    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
 # ``preprocessing["image_files"]["name"]`` of a model whose user files are decoded as its
 # dataset's own files were (``sources.images.read_image``), not normalised as digits.
 DATASET_DECODE = "dataset-decode"

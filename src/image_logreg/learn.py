@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .console import quiet
 from .errors import DataError, ImageLogregError, UsageError
 from .settings import LEARN_HOLD_OUT, LEARN_REPLAY
 from .lineage import class_folder, class_of_folder, class_order, some_names, weights_record  # noqa: F401  (importable from here too)
@@ -320,7 +321,7 @@ def learn_run(run, folder, out, *, replay: float = REPLAY_SHARE, held_out: float
     if not len(new):
         raise UsageError(f"nothing new to learn in {folder}: its {counts['already_learnt'] + counts['duplicates']} images "
                          f"were all learnt before, by {run} or the runs it came from")
-    data = _parent_data(meta, checkpoint, data_dir, download, log or _quiet)
+    data = _parent_data(meta, checkpoint, data_dir, download, log or quiet)
     settings = {"folder": str(Path(folder).resolve()), "replay": replay, "hold_out": held_out, "seed": seed,
                 "iterations": ITERATIONS, "anchor": ANCHOR, "temperature": REPLAY_TEMPERATURE}
     # every sum here is small: one thread is about as quick as several, which on a busy machine
@@ -408,9 +409,9 @@ def _parent_data(meta: dict, checkpoint: Path, data_dir, download: bool, log) ->
     from .run import read_eval_data
 
     data = {"train": read_eval_data(meta, "train", checkpoint, data_dir, download=download, log=log),
-            "test": read_eval_data(meta, "test", checkpoint, data_dir, download=download, log=_quiet)}
+            "test": read_eval_data(meta, "test", checkpoint, data_dir, download=download, log=quiet)}
     try:
-        data["val"] = read_eval_data(meta, "val", checkpoint, data_dir, download=download, log=_quiet)
+        data["val"] = read_eval_data(meta, "val", checkpoint, data_dir, download=download, log=quiet)
     except UsageError:  # trained with --val-fraction 0, or a checkpoint without its split.json
         data["val"] = None
     return data
@@ -420,10 +421,6 @@ def _inputs(images: torch.Tensor, meta: dict, device) -> torch.Tensor:
     from .data import prepare_inputs
 
     return prepare_inputs(images, meta.get("preprocessing"), device)
-
-
-def _quiet(line: str) -> None:
-    pass
 
 
 class _Checks:

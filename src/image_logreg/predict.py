@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import decode_settings_of, prepare_inputs
+from .data import decode_settings_of, prepare_inputs, to_uint8
 from .model import LogisticRegression
 
 
@@ -100,7 +100,7 @@ def explain(model: LogisticRegression, images_uint8: torch.Tensor, meta: dict) -
     flat = x.reshape(len(x), -1).cpu()
     weights = model.linear.weight.detach().cpu()[top]
     evidence = (flat * weights).reshape(x.shape)
-    seen = (x.cpu() * 255).round().clamp(0, 255).to(torch.uint8)
+    seen = to_uint8(x.cpu())
     if x.dim() == 4:  # N x C x H x W colour
         evidence, seen = evidence.sum(dim=1), seen.permute(0, 2, 3, 1)
     bias = model.linear.bias.detach().cpu()[top]

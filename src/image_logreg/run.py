@@ -13,7 +13,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 from . import __version__
 from .checkpoint import CHECKPOINT_NAME, save_model
+from .console import quiet, say
 from .data import ImageSet, check_val_fraction, load_split, prepare_inputs, preprocessing_for, split_indices, subset_indices
 from .distributed import Group, session
 from .errors import DataError, UsageError
@@ -159,10 +159,10 @@ def train_run(
     # under torchrun, every rank trains; rank 0 alone speaks and writes the run directory
     with session(resolve_device(config["device"])) as (group, device):
         if not group.main:
-            progress, log, tensorboard = False, _quiet, None
+            progress, log, tensorboard = False, quiet, None
         history, seconds, parent = _train_and_save(config, cfg, out, overwrite, progress, log, tensorboard, group, device, init)
         group.barrier()  # a rank finishes only once the run is saved: a failure there fails them all
-    log = log or _quiet
+    log = log or quiet
 
     final = history.kept  # the epoch whose weights were kept: its figures are the model's
     summary = {
@@ -185,7 +185,7 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
                     init=None) -> tuple[list[dict], float, dict | None]:
     """``train_run``'s work, on one rank of ``group``: (history, seconds of training, the parent's record)."""
     log_warnings = log  # skipped files are worth a line even when progress is quiet (None: stderr)
-    log = log or _quiet
+    log = log or quiet
     if tensorboard:
         from .tensorboard import TensorBoardLogger, require
 
@@ -386,7 +386,7 @@ def training_inputs(data: ImageSet, train_idx, val_idx, preprocessing, device, c
             f"L-BFGS takes full-batch steps over the training set in memory, and its inputs take {human_bytes(need)}, "
             f"more than --max-memory {human_bytes(config['max_memory'])}; raise --max-memory or use --optimizer adam or sgd"
         )
-    (log or _quiet)(f"streaming batches from disk: {human_bytes(need)} of inputs exceed --max-memory {human_bytes(config['max_memory'])}")
+    (log or quiet)(f"streaming batches from disk: {human_bytes(need)} of inputs exceed --max-memory {human_bytes(config['max_memory'])}")
     return (StreamedImages(data.images, train_idx, preprocessing, device, data.file),
             StreamedImages(data.images, val_idx, preprocessing, device, data.file))
 
@@ -446,12 +446,8 @@ def read_eval_data(meta: dict, split: str, checkpoint: Path, data_dir=None, down
     except DataError as exc:
         raise DataError(f"{exc} ({folder} is the data folder {RECORDED}, where nothing is downloaded; "
                         "--data-dir DIR reads another)") from None
-    (log or _to_stderr)(f"reading {split} data from {Path(folder).resolve()} ({RECORDED}; --data-dir to change)")
+    (log or say)(f"reading {split} data from {Path(folder).resolve()} ({RECORDED}; --data-dir to change)")
     return data
-
-
-def _to_stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def evaluate_model(model, meta: dict, data: ImageSet, device="cpu") -> dict:
@@ -517,7 +513,7 @@ def _recorded_split(meta: dict, split: str, data_dir, checkpoint: Path) -> Image
     record = read_json(record_file) if record_file.is_file() else None
     splits = ("train", "test") if split == "test" or (record and record.get("test_files")) else ("train",)
     # the skipped files were reported when the run was trained, and are listed in its skipped.json
-    sets = folder.load_splits(meta["dataset"], data_dir, splits, progress=False, log=_quiet, **options)
+    sets = folder.load_splits(meta["dataset"], data_dir, splits, progress=False, log=quiet, **options)
     data = sets[split]
     if list(data.input_shape) != list(meta["input_shape"]):
         raise DataError(
@@ -530,10 +526,6 @@ def _recorded_split(meta: dict, split: str, data_dir, checkpoint: Path) -> Image
     if not files or data.source["files"] == files:
         return data
     return _gather(sets, files, split, data_dir)
-
-
-def _quiet(line: str) -> None:
-    pass
 
 
 def _gather(sets: dict, files: list[str], split: str, data_dir) -> ImageSet:

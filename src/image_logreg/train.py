@@ -495,11 +495,15 @@ def gradient_steps(
     return first if first is not None else float("nan")
 
 
+def distance_from(weight, bias, start) -> float:
+    """How far ``(weight, bias)`` are from ``start``, their values before: the L2 norm over both."""
+    return torch.sqrt((weight - start[0]).pow(2).sum() + (bias - start[1]).pow(2).sum()).item()
+
+
 def clip_change(weight, bias, start, max_change: float) -> None:
     """Pull ``(weight, bias)`` back along the line to ``start`` until within ``max_change`` of it."""
-    dw, db = weight - start[0], bias - start[1]
-    norm = torch.sqrt(dw.pow(2).sum() + db.pow(2).sum()).item()
+    norm = distance_from(weight, bias, start)
     if norm > max_change:
         scale = max_change / norm
-        weight.copy_(start[0] + dw * scale)
-        bias.copy_(start[1] + db * scale)
+        weight.copy_(start[0] + (weight - start[0]) * scale)
+        bias.copy_(start[1] + (bias - start[1]) * scale)

@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field
 from ..errors import UsageError
 from ..files import write_new
 from ..lineage import class_folder, class_of_folder
+from ..data import to_uint8
 from ..predict import explain, predict_images, prepare_file
 from . import protocol
 from .guard import is_loopback
@@ -307,7 +308,7 @@ def register_feedback_routes(app: FastAPI, inference, feedback: Feedback | None,
         if not feedback.reserve():
             raise ProtocolError(f"the feedback folder holds {feedback.max_feedback} corrections, the most this server "
                                 "stores (--max-feedback); move them into a run (image-logreg learn) and restart it", 429)
-        stored_image = _uint8(image)
+        stored_image = to_uint8(image).numpy()
         store = feedback.stores[name]
         try:
             sample, kept = await anyio.to_thread.run_sync(store.save, stored_image, label, original)
@@ -387,16 +388,9 @@ def _label(given, classes: list[str]) -> int:
         if 0 <= given < len(classes):
             return given
     elif isinstance(given, str) and given:
-        index = classes.index(given) if given in classes else class_of_folder(classes, given)
+        index = class_of_folder(classes, given)
         if index is not None:
             return index
     shown = "none" if given is None else repr(given)[:60]
     raise ProtocolError(f"label: {shown} is no class of this model; give the index 0..{len(classes) - 1} or a class "
                         f"name ({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''})")
-
-
-def _uint8(image: torch.Tensor) -> np.ndarray:
-    """The image as a dataset stores it: FP32 (0-1) tensors rounded to 0-255."""
-    if image.dtype == torch.uint8:
-        return image.numpy()
-    return (image.float() * 255).round().clamp(0, 255).to(torch.uint8).numpy()

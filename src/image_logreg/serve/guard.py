@@ -6,12 +6,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
-import sys
 import time
 
 import orjson
 from starlette.routing import Match
 
+from ..console import say
 from .metrics import Metrics
 
 # The page and its files hold no data; the browser must be able to fetch them before it has a token.
@@ -41,7 +41,7 @@ class Guard:
         self.metrics = metrics
         self.token = token.encode() if token else None
         self.max_body = max_body
-        self.log = log if log is not None else _stderr_line
+        self.log = log if log is not None else say
         self.body_timeout = body_timeout
         self.max_buffered = max_buffered
         self.buffered = 0  # bytes of request bodies held by requests in flight, all together
@@ -221,8 +221,3 @@ async def send_json(send, status: int, content, headers: list | None = None) -> 
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])],
     })
     await send({"type": "http.response.body", "body": body})
-
-
-def _stderr_line(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()

@@ -18,13 +18,13 @@ reference, so inference on other threads always sees one whole version. Versions
 
 from __future__ import annotations
 
-import sys
 import threading
 from dataclasses import dataclass, replace
 
 import torch
 
-from ..train import clip_change, gradient_steps
+from ..console import quiet, say
+from ..train import clip_change, distance_from, gradient_steps
 from ..model import LogisticRegression
 from .registry import VERSION, ServedModel
 
@@ -65,7 +65,7 @@ class OnlineLearner:
         self.original = served
         self.max_drop = max_drop
         self.check_every = check_every
-        self.log = log if log is not None else _stderr_line
+        self.log = log if log is not None else say
         device = served.model.device
         replay_x, replay_y = served.inputs(replay[0]), replay[1].to(device)
         features = replay_x[0].numel()
@@ -91,7 +91,7 @@ class OnlineLearner:
         check on the run's test split (``run.read_eval_data``; nothing is downloaded)."""
         from ..run import read_eval_data
 
-        quiet = lambda line: None  # noqa: E731 - the server says once where the data came from
+        # the server says once where the data came from
         train = read_eval_data(served.meta, "train", served.path, data_dir, download=False, log=quiet)
         test = read_eval_data(served.meta, "test", served.path, data_dir, download=False, log=quiet)
         picked = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(seed))[:replay_size]
@@ -141,7 +141,7 @@ class OnlineLearner:
         while steps < MAX_STEPS and change < MAX_CHANGE and int(model.predict(x)[0]) != label:
             gradient_steps(model, self._x, self._y, steps=1, lr=LR, sample_weight=self._weight)
             steps += 1
-            change = _distance(model, start)
+            change = distance_from(weight, bias, start)
         if steps == 0:
             return Update(current.version, 0, 0.0, True)
         clip_change(weight, bias, start, MAX_CHANGE)
@@ -192,12 +192,6 @@ class OnlineLearner:
                 "max_drop": self.max_drop}
 
 
-def _distance(model: LogisticRegression, start: list[torch.Tensor]) -> float:
-    """How far the model's weight and bias are from ``start`` (L2 over both)."""
-    weight, bias = model.linear.weight, model.linear.bias
-    return torch.sqrt((weight - start[0]).pow(2).sum() + (bias - start[1]).pow(2).sum()).item()
-
-
 @torch.no_grad()
 def _copy(model: LogisticRegression) -> LogisticRegression:
     """A new model with ``model``'s weights and its checkpoint's temperature and novelty score."""
@@ -207,7 +201,3 @@ def _copy(model: LogisticRegression) -> LogisticRegression:
     copy.temperature = model.temperature
     copy.novelty = model.novelty
     return copy.eval()
-
-
-def _stderr_line(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)

@@ -19,7 +19,6 @@ import contextlib
 import csv
 import functools
 import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from stat import S_ISDIR, S_ISREG
 
 import numpy as np
 
+from ..console import say
 from ..errors import DataError, UsageError
 from . import cache
 from .images import DecodeSettings, decode_files, decode_settings
@@ -339,7 +339,7 @@ def decode_listing(
     log: Callable[[str], None] | None = None,
 ) -> Collection:
     """Every file of ``listing`` decoded (or read from the cache), both splits, in listing order."""
-    log = log or _log_to_stderr
+    log = log or say
     key = cache.cache_key(
         listing.names, [listing.labels, listing.sizes, listing.mtimes],
         dict(settings.to_dict(), kind=listing.kind, classes=listing.classes, max_pixels=settings.max_pixels),
@@ -416,10 +416,6 @@ def _store(folder: Path, key: str, collection: Collection, log, check) -> str | 
     return str(path or folder / key)
 
 
-def _log_to_stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 # --- splits ---------------------------------------------------------------------------------
 
 
@@ -488,7 +484,7 @@ def load_splits(
     for split in splits:
         if split not in SPLIT_NAMES:
             raise UsageError(f"unknown split {split!r}; choose from {', '.join(SPLIT_NAMES)}")
-    log = log or _log_to_stderr
+    log = log or say
     settings = decode_settings(image_size, resize, color, max_pixels)
     test_fraction = check_test_fraction(0.2 if test_fraction is None else test_fraction)
     seed = 0 if seed is None else int(seed)
