@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
@@ -147,6 +148,12 @@ def _write_exclusive(path: Path, data: bytes) -> Path:
     raise UsageError(f"{path}: a million files of that name already exist beside it")
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, in hex, read a block at a time."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def default_run_dir(root: str | os.PathLike = "runs", tag: str = "") -> Path:
     """``runs/<timestamp>[-tag]``, with a counter if that name is taken."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -221,7 +228,6 @@ def _maker(pid: int | None = None) -> str:
 
 
 def _host() -> str:
-    import hashlib
     import socket
 
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]

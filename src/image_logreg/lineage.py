@@ -7,10 +7,10 @@ folders; a run trained from another (``train --init``, ``learn``) records its pa
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from .errors import UsageError
+from .files import file_sha256
 
 
 def class_folder(classes: list[str], index: int) -> str:
@@ -62,8 +62,4 @@ def some_names(names: list[str], shown: int = 4) -> str:
 def weights_record(checkpoint) -> dict:
     """A run's ``parent``: the absolute path of the weights file it started from and that file's
     SHA-256, so a reader can tell whether the file found there now is still the one."""
-    digest = hashlib.sha256()
-    with open(checkpoint, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(Path(checkpoint).resolve()), "sha256": digest.hexdigest()}
+    return {"path": str(Path(checkpoint).resolve()), "sha256": file_sha256(checkpoint)}

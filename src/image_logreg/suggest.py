@@ -21,13 +21,13 @@ A model without a novelty score (an old checkpoint) ranks by uncertainty alone.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import DataError, ImageLogregError, UsageError
+from .files import file_sha256
 from .settings import SUGGEST_BY
 
 TYPICAL = 0.0  # by default no discount for an accepted image's novelty: measured no better (see above)
@@ -102,11 +102,6 @@ def check_folder(folder) -> Path:
     return folder
 
 
-def file_digest(path) -> bytes:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").digest()
-
-
 def suggest_files(model, meta: dict, folder, n: int, *, by: str = "margin", normalize: bool = True,
                   max_pixels: int | None = None, labelled=None, log=None) -> dict:
     """The ``n`` image files under ``folder`` (searched recursively; hidden files and folders left
@@ -135,14 +130,14 @@ def suggest_files(model, meta: dict, folder, n: int, *, by: str = "margin", norm
     if labelled is not None and Path(labelled).is_dir():
         for path in find_image_files([labelled]):
             try:
-                known.add(file_digest(path))
+                known.add(file_sha256(path))
             except OSError:
                 continue  # unreadable there: it cannot be told apart from anything here either
     images, sources, seen, skipped = [], [], set(), []
     duplicates = already = 0
     for path in paths:
         try:
-            digest = file_digest(path)
+            digest = file_sha256(path)
             if digest in known:
                 already += 1
                 continue
