@@ -44,7 +44,8 @@ from sections import machine, replace_block  # noqa: E402
 
 from image_logreg import to_float  # noqa: E402
 from image_logreg.checkpoint import load_model  # noqa: E402
-from image_logreg.learn import REPLAY_ROWS, REPLAY_TEMPERATURE, class_folder, hold_out, learn_run, replay_fit  # noqa: E402
+from image_logreg.learn import REPLAY_ROWS, REPLAY_TEMPERATURE, hold_out, learn_run, replay_fit  # noqa: E402
+from image_logreg.lineage import class_folder  # noqa: E402
 from image_logreg.predict import prepare_file  # noqa: E402
 from image_logreg.run import read_eval_data, train_run  # noqa: E402
 from image_logreg.settings import LEARN_HOLD_OUT, LEARN_REPLAY  # noqa: E402

@@ -11,7 +11,8 @@ from PIL import Image
 from conftest import FAST, run_cli, train
 from image_logreg import LogisticRegression, TrainConfig, fit, load_model, load_split, split_indices, to_float
 from image_logreg.errors import UsageError
-from image_logreg.learn import class_folder, class_order, hold_out, learn_run, read_class_folders, replay_fit
+from image_logreg.learn import hold_out, learn_run, read_class_folders, replay_fit
+from image_logreg.lineage import class_folder, class_order
 from image_logreg.preprocess import prepare_image
 from image_logreg.settings import LEARN_REPLAY
 

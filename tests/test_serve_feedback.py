@@ -15,7 +15,7 @@ from conftest import class_pattern, run_cli
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from image_logreg.learn import class_folder, class_of_folder  # noqa: E402
+from image_logreg.lineage import class_folder, class_of_folder  # noqa: E402
 from image_logreg.serve import create_app, load_models  # noqa: E402
 from image_logreg.serve.feedback import UPLOADS, FeedbackStore, folders_for, setup_feedback  # noqa: E402
 from image_logreg.serve.learning import MAX_CHANGE  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 from .console import quiet
 from .errors import DataError, ImageLogregError, UsageError
 from .settings import LEARN_HOLD_OUT, LEARN_REPLAY
-from .lineage import class_folder, class_of_folder, class_order, some_names, weights_record  # noqa: F401  (importable from here too)
+from .lineage import class_of_folder, some_names, weights_record
 from .train import target_rows
 
 # --- the new images -------------------------------------------------------------------------------
