@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of each split")
     args = parser.parse_args(argv)
 
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     if args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} already exists and is not empty")

@@ -14,7 +14,7 @@ files into the page cache for every row alike:
   ``Compose([Grayscale(), ToTensor()])``, one full pass of ``DataLoader(batch_size=256)``
   with ``num_workers=0`` (the plain pipeline; the reference all ratios are taken against), and
   as a further row the same with ``num_workers=2``;
-- image-logreg, first load: ``sources.folder.load_splits("folder", FOLDER, ("train", "test"))``
+- image-logreg, first load: ``datasets.folder.load_splits("folder", FOLDER, ("train", "test"))``
   into a fresh, empty cache folder (every file listed, stat'ed and decoded; the cache written);
 - image-logreg, cached load: the same call with that cache in place (every file listed and
   stat'ed, so a changed file is still noticed; the decoded images read from the cache).
@@ -81,7 +81,7 @@ def child(which: str, folder: str, cache_dir: str) -> dict:
         seconds = time.perf_counter() - start
         extra = {}
     else:
-        from image_logreg.sources.folder import load_splits
+        from image_logreg.datasets.folder import load_splits
 
         start = time.perf_counter()
         splits = load_splits("folder", folder, ("train", "test"), cache_dir=cache_dir, progress=False)

@@ -83,7 +83,7 @@ def write_digit(data_dir, path: Path, index: int = 0) -> Path:
     """A test digit as a user would bring it: a 28x28 PNG file."""
     from PIL import Image
 
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     test = load_split("mnist", data_dir, "test", download=False)
     Image.fromarray(test.images[index].numpy()).save(path)

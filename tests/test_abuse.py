@@ -22,7 +22,7 @@ from image_logreg.predict import predict_images  # noqa: E402
 from image_logreg.preprocess import normalize_digit, prepare_image, read_grayscale  # noqa: E402
 from image_logreg.serve import create_app, load_models  # noqa: E402
 from image_logreg.settings import MAX_PIXELS  # noqa: E402
-from image_logreg.sources.folder import load_splits  # noqa: E402
+from image_logreg.datasets.folder import load_splits  # noqa: E402
 from test_serve import assert_error, runs, user_digit  # noqa: E402,F401  (the module fixture)
 
 HOSTILE = hostile_files()

@@ -99,7 +99,7 @@ def test_predict_index_and_files(capsys, toy_data, tmp_path):
     assert all(len(p["top_k"]) == 2 and p["top_k"][0]["probability"] >= p["top_k"][1]["probability"] for p in preds)
     assert preds[0]["label"] == preds[0]["true_label"]
 
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     test = load_split("mnist", toy_data, "test", download=False)
     Image.fromarray(test.images[0].numpy()).save(tmp_path / "digit.png")
@@ -299,17 +299,17 @@ def test_run_records_the_data_dir_absolute(capsys, toy_data, tmp_path, monkeypat
 
 def _no_downloads(monkeypatch) -> list[str]:
     """Record each folder a download is asked for, and fail it as a machine offline would."""
-    from image_logreg import data
+    from image_logreg.datasets import idx
 
     asked = []
 
-    def offline(name):
+    def offline(dataset):
         def fetch(root, **kwargs):
             asked.append(root)
             raise OSError("network unreachable")
         return fetch
 
-    monkeypatch.setattr(data, "dataset_class", offline)
+    monkeypatch.setattr(idx, "dataset_class", offline)
     return asked
 
 

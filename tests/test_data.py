@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import write_idx
-from image_logreg.data import load_split, split_indices, subset_indices, to_float
+from image_logreg.data import to_float
+from image_logreg.datasets import load_split, split_indices, subset_indices
 from image_logreg.errors import DataError, UsageError
 
 
@@ -96,13 +97,17 @@ def test_split_without_validation_keeps_everything_for_training():
 
 def test_dataset_names_and_classes_match_torchvision():
     """Kept as plain data so that naming a dataset imports nothing; they must stay torchvision's."""
-    from torchvision.datasets import mnist
+    import torchvision.datasets
 
-    from image_logreg.data import dataset_class
-    from image_logreg.settings import CLASSES, DATASETS
+    from image_logreg.datasets import DATASETS
+    from image_logreg.datasets.idx import dataset_class
 
-    for name, folder in DATASETS.items():
-        assert dataset_class(name) is getattr(mnist, folder) and CLASSES[name] == list(getattr(mnist, folder).classes)
+    for name in ("mnist", "fashion-mnist", "kmnist"):
+        entry = DATASETS[name]
+        assert dataset_class(entry) is getattr(torchvision.datasets, entry.torchvision)
+        assert list(entry.classes) == list(dataset_class(entry).classes)
+    for entry in DATASETS.values():  # every download names a class torchvision has
+        assert entry.user_images or hasattr(torchvision.datasets, entry.torchvision), entry.name
 
 
 def test_subset_is_a_seeded_subset():

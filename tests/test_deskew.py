@@ -155,7 +155,7 @@ def _logreg_accuracy(x_train, y_train, x_test, y_test):
 
 
 def test_deskewing_helps_a_linear_classifier_on_mnist(real_data):
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     n_train, n_test = 6000, 4000
     train = load_split("mnist", real_data, "train", download=False)

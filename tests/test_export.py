@@ -49,7 +49,7 @@ def onnx_probabilities(path, images):
 
 
 def dataset_images(data_dir):
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     return load_split("mnist", data_dir, "test", download=False).images.numpy()
 

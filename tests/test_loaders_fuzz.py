@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 from image_logreg.checkpoint import load_model, save_model
-from image_logreg.data import load_split
+from image_logreg.datasets import load_split
 from image_logreg.errors import CheckpointError, DataError, ImageError
 from image_logreg.model import LogisticRegression
 from image_logreg.preprocess import _plain_gray_png, prepare_image, read_grayscale

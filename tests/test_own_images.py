@@ -20,19 +20,17 @@ from image_logreg.checkpoint import load_model
 from image_logreg.data import DATASET_DECODE
 from image_logreg.errors import CheckpointError
 from image_logreg.predict import predict_file
-from image_logreg.sources import folder, images
+from image_logreg.datasets import decode as images, folder
 
 QUIET = ["--quiet", "--no-download"]
 
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Each test its own image cache, and nothing remembered between tests in this process."""
+    """Each test its own image cache."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.delenv("IMAGE_LOGREG_DATA", raising=False)
-    folder._RECENT.clear()
     yield
-    folder._RECENT.clear()
 
 
 def pattern(label: int, color: bool, size: int = 8, seed: int = 0) -> np.ndarray:
@@ -171,14 +169,12 @@ def test_held_out_split_is_the_same_test_images_later(tmp_path, capsys):
     # Files added since training reshuffle a fresh held-out split; evaluate keeps the run's own.
     for k in range(10, 16):
         Image.fromarray(pattern(0, True, seed=500 + k)).save(data / "class000" / f"{k}.png")
-    folder._RECENT.clear()
     again = cli_json(capsys, "evaluate", run)
     assert again["n"] == 9 and again["accuracy"] == first["accuracy"] and again["confusion"] == first["confusion"]
     assert cli_json(capsys, "evaluate", run, "--split", "val")["n"] == len(split["val_indices"])
 
     # and a test image gone is said plainly
     (data / test_files[0]).unlink()
-    folder._RECENT.clear()
     err = one_line_error(capsys, "evaluate", run)
     assert "no longer usable" in err and test_files[0] in err
 
@@ -323,7 +319,7 @@ def test_mnist_as_a_png_folder_matches_mnist_as_idx(real_data, tmp_path, capsys,
     """
     import importlib
 
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     # imported by name, so its worker processes find the function they are sent
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))

@@ -384,7 +384,7 @@ def test_blank_array_raises_without_a_file_name(blank):
 
 @pytest.fixture(scope="module")
 def mnist(real_data):
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     train = load_split("mnist", real_data, "train", download=False)
     test = load_split("mnist", real_data, "test", download=False)

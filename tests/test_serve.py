@@ -492,7 +492,7 @@ def real_client(real_models):
 
 @pytest.fixture(scope="module")
 def mnist_test_images(real_data) -> np.ndarray:
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     return load_split("mnist", real_data, "test").images[:200].numpy()
 

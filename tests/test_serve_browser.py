@@ -307,7 +307,7 @@ def save_screenshot(page, folder: Path, name: str) -> None:
 
 def user_digit_file(real_data: Path, folder: Path) -> tuple[Path, int]:
     """A clear MNIST test digit as a user would have it: 8x larger, dark ink on white, a PNG."""
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     test = load_split("mnist", real_data, "test")
     index = 0  # a plain, upright 7

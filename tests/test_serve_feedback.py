@@ -331,7 +331,7 @@ def test_openapi_documents_the_feedback_route(toy_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def mnist_test(real_data):
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
 
     return load_split("mnist", real_data, "test")
 

@@ -132,7 +132,7 @@ def test_a_drawn_digit_is_corrected_learnt_and_stored(open_page, mnist_run, digi
 
 
 def test_a_rollback_is_shown_as_a_notice(open_page, mnist_run, digits, real_data, tmp_path):
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
     from image_logreg.serve.learning import CHECK_EVERY
 
     test = load_split("mnist", real_data, "test")

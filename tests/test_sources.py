@@ -1,4 +1,4 @@
-"""Datasets from sources: folders and CSVs of image files, the cache, and the classic torchvision sets."""
+"""The datasets wing: folders and CSVs of image files, the cache, and the classic torchvision sets."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ import torch
 from PIL import Image, ImageOps
 
 from conftest import write_idx
-from image_logreg.data import load_split, prepare_inputs
+from image_logreg.data import prepare_inputs
+from image_logreg.datasets import load_split
 from image_logreg.errors import DataError, UsageError
-from image_logreg.sources import cache, classic, folder, images
+from image_logreg.datasets import cache, cifar, folder, registry
+from image_logreg.datasets import decode as images
 
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own cache folder, and nothing is remembered between loads unless a test says so."""
+    """Every test gets its own cache folder."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    folder._RECENT.clear()
     yield tmp_path / "xdg-cache" / "image-logreg"
-    folder._RECENT.clear()
 
 
 def save(path: Path, image: Image.Image, **params) -> Path:
@@ -270,7 +270,6 @@ def test_many_skipped_files_are_summed_up_after_ten(tmp_path):
 def test_decoding_in_worker_processes_matches_one_process(tmp_path, monkeypatch):
     root = make_mixed_folder(tmp_path / "pets")
     serial = load(root, test_fraction=0.0, no_cache=True, workers=1)
-    folder._RECENT.clear()
     monkeypatch.setattr(images, "PARALLEL_FROM", 1)
     monkeypatch.setattr(images, "CHUNK", 2)  # colour and gray images in separate chunks and together
     parallel = load(root, test_fraction=0.0, no_cache=True, workers=2)
@@ -280,7 +279,7 @@ def test_decoding_in_worker_processes_matches_one_process(tmp_path, monkeypatch)
 # A decode whose chunks take a minute: its workers are certainly busy when the parent is killed.
 _STALLED_DECODE = """
 import sys, time
-from image_logreg.sources import images, workers
+from image_logreg.datasets import decode as images, workers
 if sys.argv[1] == "watch":
     workers._kernel_kills_on_parent_death = lambda: False
 def stall(task):
@@ -408,7 +407,6 @@ def test_cache_hit_decodes_nothing_and_returns_the_same_images(tmp_path, monkeyp
     entry = Path(first.source["cache"]["path"])
     assert entry.parent == isolated_cache and (entry / cache.IMAGES_FILE).is_file()
 
-    folder._RECENT.clear()
     monkeypatch.setattr(folder, "decode_files", lambda *a, **k: pytest.fail("decoded on a cache hit"))
     again = load(root, test_fraction=0.0)
     assert again.source["cache"]["hit"] is True
@@ -422,11 +420,9 @@ def test_cache_misses_after_a_file_changes_or_with_other_settings(tmp_path, isol
     changed = root / "a" / "1.png"
     save(changed, gray(222))
     os.utime(changed, ns=(1, 1_000_000_123))
-    folder._RECENT.clear()
     data = load(root, test_fraction=0.0)
     assert data.source["cache"]["hit"] is False
     assert torch.equal(data.images[1], torch.from_numpy(np.array(gray(222))))
-    folder._RECENT.clear()
     assert load(root, test_fraction=0.0, image_size=8).source["cache"]["hit"] is False
     assert len(list(isolated_cache.iterdir())) == 3
 
@@ -463,13 +459,10 @@ def test_no_cache_writes_nothing_and_a_damaged_entry_is_rebuilt(tmp_path, isolat
     root = make_small_folder(tmp_path / "small")
     load(root, test_fraction=0.0, no_cache=True)
     assert not isolated_cache.exists()
-    folder._RECENT.clear()
     entry = Path(load(root, test_fraction=0.0).source["cache"]["path"])
     (entry / cache.IMAGES_FILE).write_bytes(b"\x93NUMPY damaged")
-    folder._RECENT.clear()
     rebuilt = load(root, test_fraction=0.0)
     assert rebuilt.source["cache"]["hit"] is False and len(rebuilt) == 6
-    folder._RECENT.clear()
     assert load(root, test_fraction=0.0).source["cache"]["hit"] is True
 
 
@@ -518,11 +511,9 @@ def test_a_lying_cache_entry_is_rebuilt(tmp_path, isolated_cache, lie):
     root = make_small_folder(tmp_path / "small")
     first = load(root, test_fraction=0.0)
     _lie_in_entry(Path(first.source["cache"]["path"]), lie)
-    folder._RECENT.clear()
     rebuilt = load(root, test_fraction=0.0)
     assert rebuilt.source["cache"]["hit"] is False
     assert torch.equal(rebuilt.images, first.images) and torch.equal(rebuilt.labels, first.labels)
-    folder._RECENT.clear()
     again = load(root, test_fraction=0.0)
     assert again.source["cache"]["hit"] is True and torch.equal(again.images, first.images)
 
@@ -540,7 +531,6 @@ def test_a_cache_entry_of_another_colour_or_size_than_asked_is_not_used(tmp_path
     record = json.loads((entry / cache.ENTRY_FILE).read_text())
     record.update(color="rgb", shape=list(rgb.shape), checksum=cache.file_checksum(entry / cache.IMAGES_FILE))
     (entry / cache.ENTRY_FILE).write_text(json.dumps(record))
-    folder._RECENT.clear()
     again = load(root, **asked)
     assert again.source["cache"]["hit"] is False and again.images.shape == (6, 8, 8)
 
@@ -647,7 +637,7 @@ def test_failed_download_is_one_line_with_its_cause_and_leaves_nothing(tmp_path,
         raise RuntimeError("Error downloading cifar-10-python.tar.gz:\nTried http://a/, got:\n"
                            "<urlopen error [Errno -2] Name or service not known>\n")
 
-    monkeypatch.setattr(classic, "_download_cifar", lambda name, data_dir: no_network(data_dir))
+    monkeypatch.setattr(cifar, "_download_cifar", lambda dataset, data_dir: no_network(data_dir))
     (tmp_path / "mine.txt").write_text("the user's")
     with pytest.raises(DataError) as err:
         load_split("cifar10", tmp_path, "train", download=True)
@@ -782,22 +772,24 @@ def test_a_malicious_pickle_is_refused_and_does_not_run(tmp_path):
     assert "posix.system" in str(err.value) or "nt.system" in str(err.value)
     assert "refused" in str(err.value) and not marker.exists()
     # nor does an object array smuggle anything in
-    with pytest.raises(classic.RefusedGlobal):
-        classic.loads_safely(pickle.dumps(np.array([1, "x"], dtype=object), protocol=2))
+    with pytest.raises(cifar.RefusedGlobal):
+        cifar.loads_safely(pickle.dumps(np.array([1, "x"], dtype=object), protocol=2))
 
 
 def test_class_lists_and_file_layouts_match_torchvision():
     from torchvision.datasets import CIFAR10, CIFAR100, EMNIST, KMNIST
 
-    assert classic.KMNIST_CLASSES == KMNIST.classes
-    assert ["N/A"] + classic.EMNIST_CLASSES["letters"] == EMNIST.classes_split_dict["letters"]
-    assert classic.EMNIST_CLASSES["balanced"] == EMNIST.classes_split_dict["balanced"]
-    assert classic.EMNIST_CLASSES["digits"] == EMNIST.classes_split_dict["digits"]
+    assert list(registry.KMNIST_CLASSES) == KMNIST.classes
+    assert ["N/A"] + list(registry.EMNIST_CLASSES["letters"]) == EMNIST.classes_split_dict["letters"]
+    assert list(registry.EMNIST_CLASSES["balanced"]) == EMNIST.classes_split_dict["balanced"]
+    assert list(registry.EMNIST_CLASSES["digits"]) == EMNIST.classes_split_dict["digits"]
     for name, dataset in (("cifar10", CIFAR10), ("cifar100", CIFAR100)):
-        layout = classic.CIFAR[name]
-        assert layout.folder == dataset.base_folder and layout.meta == dataset.meta["filename"]
-        assert list(layout.train) == [f for f, _ in dataset.train_list] and list(layout.test) == [f for f, _ in dataset.test_list]
-        assert layout.names_key == dataset.meta["key"]
+        entry = registry.dataset(name)
+        layout = entry.files
+        assert entry.torchvision == dataset.__name__
+        assert layout["folder"] == dataset.base_folder and layout["meta"] == dataset.meta["filename"]
+        assert list(layout["train"]) == [f for f, _ in dataset.train_list] and list(layout["test"]) == [f for f, _ in dataset.test_list]
+        assert layout["names_key"] == dataset.meta["key"]
 
 
 def test_read_image_makes_a_new_file_as_the_dataset_was_made(tmp_path):

@@ -83,7 +83,9 @@ def test_lbfgs_needs_the_set_in_memory(capsys, toy_data, tmp_path):
 def test_rows_are_read_from_the_file_the_images_are_mapped_from(tmp_path):
     """The rows asked for, scaled as in memory, read from the IDX file; without a file, from memory."""
     from conftest import write_toy_dataset
-    from image_logreg.data import FileRegion, file_region, load_split, prepare_inputs
+    from image_logreg.data import prepare_inputs
+    from image_logreg.datasets import load_split
+    from image_logreg.datasets.base import FileRegion, file_region
 
     data = load_split("mnist", write_toy_dataset(tmp_path / "data"), "train", download=False)
     assert data.file == FileRegion(str(tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte"), 16)
@@ -102,7 +104,7 @@ def test_rows_are_read_from_the_file_the_images_are_mapped_from(tmp_path):
 
 def test_a_file_cut_short_while_training_is_a_one_line_error(tmp_path):
     from conftest import write_toy_dataset
-    from image_logreg.data import load_split
+    from image_logreg.datasets import load_split
     from image_logreg.errors import DataError
 
     data = load_split("mnist", write_toy_dataset(tmp_path / "data"), "train", download=False)
@@ -116,7 +118,7 @@ def test_a_file_cut_short_while_training_is_a_one_line_error(tmp_path):
 
 def test_streaming_keeps_the_process_small(tmp_path):
     """Reading every row of a file larger than the growth allowed leaves resident memory where it was."""
-    from image_logreg.data import FileRegion
+    from image_logreg.datasets.base import FileRegion
 
     n, size = 40_000, 32 * 32 * 3  # 123 MB of rows
     path = tmp_path / "rows.bin"

@@ -20,7 +20,8 @@ from .errors import ImageLogregError  # noqa: E402
 # line, which imports this package, starts at once and loads only what a command needs.
 _LAZY = {
     "load_model": "checkpoint", "save_model": "checkpoint",
-    "ImageSet": "data", "load_split": "data", "split_indices": "data", "subset_indices": "data", "to_float": "data",
+    "ImageSet": "datasets", "load_split": "datasets", "split_indices": "datasets", "subset_indices": "datasets",
+    "to_float": "data",
     "evaluate": "metrics",
     "LogisticRegression": "model",
     "train_run": "run",

@@ -28,8 +28,8 @@ from .data import DATASET_DECODE, preprocessing_for
 from .errors import CheckpointError
 from .files import atomic_path
 from .model import LogisticRegression
-from .sources.images import COLORS, RESIZE_MODES
-from .settings import CLASSES, DATASET_NAMES, dataset_folder
+from .datasets.decode import COLORS, RESIZE_MODES
+from .datasets.registry import DATASETS, dataset
 
 FORMAT = "image-logreg"
 FORMAT_VERSION = 1
@@ -403,19 +403,20 @@ def _load_failure(exc: BaseException) -> str:
     return text.split(". ")[0].rstrip(".")
 
 
-def _tutorial_metadata(dataset: str) -> dict:
-    if dataset in DATASET_NAMES and dataset not in CLASSES:
-        # a state_dict records no class names; only the tutorial's own datasets name theirs here
+def _tutorial_metadata(name: str) -> dict:
+    entry = dataset(name)  # an unknown name is a one-line error
+    if not entry.classes:
+        # a state_dict records no class names; only datasets whose classes the registry names load here
+        named = " or ".join(d.name for d in DATASETS.values() if d.classes)
         raise CheckpointError(
-            f"a plain state_dict records no class names, so it loads as {' or '.join(CLASSES)} only, not {dataset}; "
+            f"a plain state_dict records no class names, so it loads as {named} only, not {name}; "
             "use the run directory or .safetensors checkpoint that image-logreg train wrote"
         )
-    dataset_folder(dataset)  # an unknown name is a one-line error
     return {
-        "dataset": dataset,
-        "classes": list(CLASSES[dataset]),
+        "dataset": name,
+        "classes": list(entry.classes),
         "input_shape": [28, 28],
-        "num_classes": len(CLASSES[dataset]),
+        "num_classes": len(entry.classes),
         "preprocessing": preprocessing_for(deskewed=False),
         "source": "state_dict",
     }

@@ -347,7 +347,7 @@ def print_suggestions(result: dict, model: str) -> None:
 def cmd_show(args) -> int:
     import torch
 
-    from .data import load_split
+    from .datasets import load_split
     from .files import refuse_existing
     from .plots import plot_grid
     from .run import dataset_options
@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         CLASS_WEIGHTS, DATA_DEFAULTS, DATASET_NAMES, DEFAULT_EPOCHS, DEFAULT_LR, LEARN_HOLD_OUT, LEARN_REPLAY, MAX_PIXELS,
         MIN_DEFAULT_STEPS, OPTIMIZERS, PRESETS, SCHEDULES, SUGGEST_BY, SUGGEST_N, TrainConfig, default_data_dir,
     )
-    from .sources.images import COLORS, RESIZE_MODES
+    from .datasets.decode import COLORS, RESIZE_MODES
 
     defaults = TrainConfig()
     parser = Parser(prog="image-logreg", description="Image classification with logistic regression in PyTorch.")

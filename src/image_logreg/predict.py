@@ -50,7 +50,7 @@ def prepare_file(
     max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     decode = decode_settings_of(meta.get("preprocessing"))
     if decode is not None:
-        from .sources.images import DecodeSettings, read_image
+        from .datasets.decode import DecodeSettings, read_image
 
         settings = DecodeSettings(tuple(decode["image_size"]), decode["resize"], decode["color"], max_pixels)
         return read_image(source, settings, name=name)

@@ -22,14 +22,16 @@ import torch
 from . import __version__
 from .checkpoint import CHECKPOINT_NAME, save_model
 from .console import quiet, say
-from .data import ImageSet, check_val_fraction, load_split, prepare_inputs, preprocessing_for, split_indices, subset_indices
+from .data import prepare_inputs, preprocessing_for
+from .datasets import DATASETS, IMAGE_OPTIONS, check_options, dataset, load_split
+from .datasets.base import ImageSet, check_fraction, split_indices, subset_indices
 from .distributed import Group, session
 from .errors import DataError, UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
 from .confidence import calibrate
 from .metrics import confusion_matrix, expected_calibration_error, logits_of, per_class_scores, scores_of_logits
 from .model import LogisticRegression
-from .settings import CLASSIC_DECODE, DATA_DEFAULTS, DIGIT_STYLE, FOLDER_KINDS, IMAGE_OPTIONS, default_data_dir
+from .settings import DATA_DEFAULTS, default_data_dir
 from .stream import StreamedImages, float_bytes, human_bytes, parse_memory
 from .train import TrainConfig, fit, resolve_device
 
@@ -52,21 +54,20 @@ def default_config(**overrides) -> dict:
 
 def check_data_config(config: dict) -> None:
     """Refuse a validation fraction, training subset or dataset option that cannot work, before any work."""
-    from . import sources
-    from .sources.folder import check_test_fraction
-    from .sources.images import decode_settings
+    from .datasets.decode import decode_settings
 
-    check_val_fraction(config["val_fraction"])
+    entry = dataset(config["dataset"])
+    check_fraction(config["val_fraction"], "--val-fraction")
     config["max_memory"] = parse_memory(config.get("max_memory"))
     subset = config.get("train_subset")
     if subset is not None and subset < 1:  # 0 must not quietly mean "all"
         raise UsageError(f"--train-subset must be at least 1, got {subset}")
-    sources.check_options(config["dataset"], dataset_options(config))
-    if config["dataset"] in FOLDER_KINDS:
+    check_options(entry, dataset_options(config))
+    if entry.user_images:
         decode_settings(config.get("image_size"), config.get("resize"), config.get("color"), config.get("max_pixels"))
         if config.get("test_fraction") is not None:
-            check_test_fraction(config["test_fraction"])
-    if config.get("deskew") and CLASSIC_DECODE.get(config["dataset"], {}).get("color") == "rgb":
+            check_fraction(config["test_fraction"], "--test-fraction")
+    if config.get("deskew") and entry.decode.get("color") == "rgb":
         raise UsageError(f"--deskew works on grayscale images only; {config['dataset']} is colour")
     if config.get("deskew") and config.get("color") == "rgb":
         raise UsageError("--deskew works on grayscale images only; --color rgb makes colour ones (use --color gray)")
@@ -75,11 +76,11 @@ def check_data_config(config: dict) -> None:
 def dataset_options(config: dict) -> dict:
     """The ``load_split`` options a run's settings give its dataset.
 
-    Image options go to every dataset (``sources.check_options`` refuses those given for a
+    Image options go to every dataset (``datasets.check_options`` refuses those given for a
     dataset without use for them); the held-out test split's seed only to folders and CSVs.
     """
-    options = {k: config.get(k) for k in IMAGE_OPTIONS}
-    if config["dataset"] in FOLDER_KINDS:
+    options = {k: config.get(k) for k in IMAGE_OPTIONS if k != "seed"}
+    if dataset(config["dataset"]).user_images:
         options["seed"] = config.get("seed")
     options.update(cache_dir=config.get("cache_dir"), no_cache=bool(config.get("no_cache")))
     return options
@@ -88,9 +89,9 @@ def dataset_options(config: dict) -> dict:
 def load_training_data(config: dict, progress: bool = False, log=None) -> tuple[ImageSet, ImageSet | None]:
     """The training split, and for a folder or CSV the test split from the same decode (else None)."""
     name, options = config["dataset"], dataset_options(config)
-    if name not in FOLDER_KINDS:
+    if not dataset(name).user_images:
         return load_split(name, config["data_dir"], "train", download=config["download"], **options), None
-    from .sources import folder
+    from .datasets import folder
 
     # --test-fraction 0: everything trains, nothing is held out (so there is no test split to load)
     splits = ("train",) if config.get("test_fraction") == 0 else ("train", "test")
@@ -101,11 +102,12 @@ def load_training_data(config: dict, progress: bool = False, log=None) -> tuple[
 def decode_record(name: str, data: ImageSet) -> dict | None:
     """How a user's file is to be decoded for a model of dataset ``name``: None for digit-style datasets
     (normalised as MNIST digits), else the size, resize mode and colour the dataset's images have."""
-    if name in DIGIT_STYLE:
+    entry = dataset(name)
+    if entry.digit_style:
         return None
-    if name in FOLDER_KINDS:
+    if entry.user_images:
         return {k: data.source[k] for k in ("image_size", "resize", "color")}
-    return dict(CLASSIC_DECODE[name], image_size=list(data.input_shape[-2:]))
+    return dict(entry.decode, image_size=list(data.input_shape[-2:]))
 
 
 def source_record(train: ImageSet, test: ImageSet | None) -> dict:
@@ -152,7 +154,7 @@ def train_run(
     if config.get("cache_dir"):
         config["cache_dir"] = os.path.abspath(config["cache_dir"])
     if config.get("image_size") is not None:  # as one form, [H, W], whatever form it was given in
-        from .sources.images import parse_image_size
+        from .datasets.decode import parse_image_size
 
         config["image_size"] = list(parse_image_size(config["image_size"]))
     out = Path(out) if out else default_run_dir("runs", config["dataset"])
@@ -259,7 +261,7 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
             record["parent"] = lineage
         write_json(stage / "config.json", record)
         write_json(stage / "split.json", split)
-        if config["dataset"] in FOLDER_KINDS:
+        if dataset(config["dataset"]).user_images:
             write_json(stage / SOURCE_FILE, source_record(data, test))
             if data.source["skipped"]:
                 write_json(stage / SKIPPED_FILE, data.source["skipped"])
@@ -423,7 +425,7 @@ RECORDED = "recorded in the run"
 def data_source_for(checkpoint: Path, data_dir=None) -> tuple[str, str | None]:
     """``data_dir_for``'s folder, with ``RECORDED`` when it is the one the run recorded (else None)."""
     config = run_config(checkpoint)
-    if not data_dir and config.get("dataset") not in FOLDER_KINDS:
+    if not data_dir and not (config.get("dataset") in DATASETS and dataset(config["dataset"]).user_images):
         data_dir = os.environ.get("IMAGE_LOGREG_DATA")
     if data_dir:
         return str(data_dir), None
@@ -487,7 +489,7 @@ def eval_data(meta: dict, split: str, data_dir, checkpoint: Path, download: bool
     elif split == "train" and split_file.is_file():
         indices = torch.tensor(read_json(split_file)["train_indices"], dtype=torch.long)
     name = meta["dataset"]
-    if name in FOLDER_KINDS:
+    if dataset(name).user_images:
         data = _recorded_split(meta, "test" if split == "test" else "train", data_dir, checkpoint)
     else:
         data = load_split(name, data_dir, "test" if split == "test" else "train", download=download)
@@ -500,7 +502,7 @@ def eval_data(meta: dict, split: str, data_dir, checkpoint: Path, download: bool
 
 def _recorded_split(meta: dict, split: str, data_dir, checkpoint: Path) -> ImageSet:
     """A folder's or CSV's split as the run trained and held it out, decoded as the run decoded it."""
-    from .sources import folder
+    from .datasets import folder
 
     config = run_config(checkpoint)
     if config:

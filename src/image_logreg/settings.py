@@ -12,26 +12,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from .errors import UsageError
-from .sources import FOLDER_KINDS, NAMES as SOURCE_NAMES
-
-# name -> torchvision's dataset class, which is also the dataset's folder under --data-dir
-DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
-# the class names torchvision gives each dataset, in label order (a test keeps them in step)
-CLASSES = {
-    "mnist": [f"{i} - {w}" for i, w in enumerate("zero one two three four five six seven eight nine".split())],
-    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
-}
-
-# Every dataset the command line knows: these two, plus folders, CSVs and the other classic
-# sets (from ``sources``, which imports nothing heavy either).
-DATASET_NAMES = (*DATASETS, *SOURCE_NAMES)
-# Datasets of centred gray glyphs on a dark ground, made as MNIST was: a user's image file is
-# brought into that form (``preprocess.prepare_image``). The others (folders, CSVs, CIFAR) are
-# photographs or anything at all: a file is decoded as the dataset's own files were.
-DIGIT_STYLE = ("mnist", "fashion-mnist", "kmnist", "emnist-letters", "emnist-balanced", "emnist-digits")
-# How CIFAR's 32x32 photographs are matched by a user's file of another size: scaled to cover
-# the square and cut to it, as CIFAR's own images are object-centred crops.
-CLASSIC_DECODE = {"cifar10": {"resize": "crop", "color": "rgb"}, "cifar100": {"resize": "crop", "color": "rgb"}}
+from .datasets.registry import NAMES as DATASET_NAMES  # noqa: F401  (the datasets live in one table there)
 
 # The most pixels an image file may have, checked from its header before anything is decoded
 # (--max-pixels). A phone photo is 12 Mpixels (4032x3024; 48- and 50-Mpixel sensors save that by
@@ -88,10 +69,6 @@ DATA_DEFAULTS = {
     # bytes the float training inputs may take before batches are streamed from disk (None: half the memory)
     "max_memory": None,
 }
-# The settings above that ``load_split`` takes as options, and which of them decide the images.
-IMAGE_OPTIONS = ("image_size", "resize", "color", "test_fraction", "max_pixels")
-CACHE_OPTIONS = ("cache_dir", "no_cache")
-
 # Named sets of settings; flags given on the command line override them.
 PRESETS = {
     # the tutorial's run: plain SGD at a constant learning rate of 0.001, batches of 100,
@@ -101,14 +78,6 @@ PRESETS = {
         "weight_decay": 0.0, "val_fraction": 0.2, "epochs": 5, "keep_best": False, "patience": 0,
     },
 }
-
-
-def dataset_folder(name: str) -> str:
-    """The folder (and torchvision class) name of dataset ``name``; a one-line error if unknown."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASET_NAMES)}") from None
 
 
 def default_data_dir() -> str:

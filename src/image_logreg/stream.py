@@ -92,7 +92,7 @@ class StreamedImages:
 
     Indexing (``x.take(idx)``, ``x[a:b]``) gives flat float32 rows (n x features) on ``device``,
     exactly what ``prepare_inputs(images[rows], ...)`` would have held at those positions.
-    ``file`` (``data.FileRegion``) is where ``images`` lie on disk: rows are then read from
+    ``file`` (``datasets.base.FileRegion``) is where ``images`` lie on disk: rows are then read from
     there; without it they are gathered from ``images`` in memory.
     """
 

@@ -120,7 +120,7 @@ def check_config(config: dict) -> None:
     Also brings ``image_size`` to the form a run records ([H, W]), so resumed runs compare alike.
     """
     from .run import check_data_config
-    from .sources.images import parse_image_size
+    from .datasets.decode import parse_image_size
     from .train import TrainConfig
 
     TrainConfig.from_dict(config).check()

@@ -29,9 +29,10 @@ import numpy as np
 from ..console import say
 from ..errors import DataError, UsageError
 from . import cache
-from .images import DecodeSettings, decode_files, decode_settings
+from .base import check_fraction, image_set
+from .decode import DecodeSettings, decode_files, decode_settings
+from .registry import Dataset
 
-KINDS = ("folder", "csv")
 TRAIN, TEST = 0, 1
 SPLIT_NAMES = {"train": TRAIN, "test": TEST}
 # Warnings about skipped files shown one by one; past this, one line sums up the rest.
@@ -324,11 +325,6 @@ def _check_every_class_has_files(listing: Listing) -> None:
 
 # --- decoding, with the cache ---------------------------------------------------------------
 
-# The last collection decoded in this process: the test split, asked for after the training
-# split, comes from the same decode even without a cache.
-_RECENT: dict[str, Collection] = {}
-
-
 def decode_listing(
     listing: Listing,
     settings: DecodeSettings,
@@ -344,8 +340,6 @@ def decode_listing(
         listing.names, [listing.labels, listing.sizes, listing.mtimes],
         dict(settings.to_dict(), kind=listing.kind, classes=listing.classes, max_pixels=settings.max_pixels),
     )
-    if key in _RECENT:
-        return _RECENT[key]
     folder = Path(cache_dir) if cache_dir else cache.default_cache_dir()
     check = functools.partial(_entry_holds_together, files=len(listing.paths), settings=settings)
     collection = None if no_cache else _cached(folder, key, check)
@@ -354,8 +348,6 @@ def decode_listing(
         collection.cache = {"key": key, "hit": False, "path": None}
         if not no_cache and len(collection.usable):
             collection.cache["path"] = _store(folder, key, collection, log, check)
-    _RECENT.clear()
-    _RECENT[key] = collection
     return collection
 
 
@@ -433,14 +425,12 @@ def held_out_test(labels: np.ndarray, num_classes: int, fraction: float, seed: i
     return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
-def check_test_fraction(fraction: float) -> float:
-    fraction = float(fraction)
-    if not 0.0 <= fraction < 1.0:  # also refuses NaN
-        raise UsageError(f"--test-fraction must be at least 0 and below 1, got {fraction}")
-    return fraction
-
-
 # --- the split, as an ImageSet ------------------------------------------------------------
+
+
+def load(dataset: Dataset, data_dir: str | os.PathLike, split: str = "train", download: bool = True, **options):
+    """The registry's entry point: one split of a folder or CSV (nothing to download)."""
+    return load_split(dataset.name, data_dir, split, **options)
 
 
 def load_split(kind: str, data_dir: str | os.PathLike, split: str = "train", **options):
@@ -486,7 +476,7 @@ def load_splits(
             raise UsageError(f"unknown split {split!r}; choose from {', '.join(SPLIT_NAMES)}")
     log = log or say
     settings = decode_settings(image_size, resize, color, max_pixels)
-    test_fraction = check_test_fraction(0.2 if test_fraction is None else test_fraction)
+    test_fraction = check_fraction(0.2 if test_fraction is None else test_fraction, "--test-fraction")
     seed = 0 if seed is None else int(seed)
     listing = scan_folder(data_dir) if kind == "folder" else scan_csv(data_dir)
     for note in listing.notes:
@@ -509,7 +499,7 @@ def load_splits(
         if len(chosen) == 0:
             raise DataError(_empty_split_message(listing, split))
         source = _source_record(listing, collection, settings, chosen, test_positions, test_fraction, seed)
-        loaded[split] = _image_set(_take(collection.images, chosen), labels[chosen], listing, split, source)
+        loaded[split] = image_set(_take(collection.images, chosen), labels[chosen], listing.classes, listing.kind, split, source)
     return loaded
 
 
@@ -567,16 +557,6 @@ def _source_record(listing, collection, settings, chosen, test_positions, test_f
         # positions among the collection's usable images, in listing order (the "files" of both splits)
         record.update(test_fraction=test_fraction, seed=seed, test_indices=test_positions.tolist())
     return record
-
-
-def _image_set(images: np.ndarray, labels: np.ndarray, listing: Listing, split: str, source: dict):
-    import torch
-
-    from ..data import ImageSet, file_region
-
-    labels = torch.from_numpy(np.ascontiguousarray(labels))
-    return ImageSet(torch.from_numpy(images), labels, list(listing.classes), listing.kind, split, source=source,
-                    file=file_region(images))
 
 
 def _count(n: int, noun: str) -> str:
