@@ -48,6 +48,14 @@ def class_pattern(label: int, size: int = 28) -> np.ndarray:
     return img
 
 
+def toy_images(n: int, seed: int = 0) -> np.ndarray:
+    """``n`` noisy toy digits (uint8 N x 28 x 28) of random classes, as a client would send them."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = np.stack([class_pattern(int(k)) for k in labels]) * 200 + rng.uniform(0, 40, (n, 28, 28))
+    return images.astype(np.uint8)
+
+
 def make_toy_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % 10

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, class_pattern, run_cli, train, write_toy_dataset
+from conftest import FAST, class_pattern, run_cli, toy_images, train, write_toy_dataset
 
 pytestmark = [
     pytest.mark.cuda,
@@ -239,13 +239,6 @@ def clients(runs):
     yield made
     for client in made.values():
         client.__exit__(None, None, None)
-
-
-def toy_images(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = np.stack([class_pattern(int(k)) for k in labels]) * 200 + rng.uniform(0, 40, (n, 28, 28))
-    return images.astype(np.uint8)
 
 
 @pytest.mark.parametrize("name", ["plain", "deskewed"])

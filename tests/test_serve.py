@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import class_pattern, run_cli, train
+from conftest import class_pattern, run_cli, toy_images, train
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
@@ -42,13 +42,6 @@ def client(models):
     with TestClient(create_app(models, log=lines.append)) as c:
         c.log_lines = lines
         yield c
-
-
-def toy_images(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = np.stack([class_pattern(int(k)) for k in labels]) * 200 + rng.uniform(0, 40, (n, 28, 28))
-    return images.astype(np.uint8)
 
 
 def infer_body(images: np.ndarray, datatype="UINT8", nested=False, **extra) -> dict:

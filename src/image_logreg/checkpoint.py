@@ -7,12 +7,10 @@ A legacy ``.pth``/``.pt`` state_dict is read with ``weights_only=True`` for the 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import pickle
-import pickletools
 import re
 import unicodedata
 import warnings
@@ -323,66 +321,17 @@ def _read_state_dict(path: Path) -> dict:
     return state
 
 
-# A pickle is scanned, never run, for the globals it would import: more than this is not read.
-_PICKLE_SCAN_LIMIT = 16 << 20
-
-
 def _objects_in_pickle(path: Path) -> str | None:
-    """The first global a refused pickle names that torch's tensor loader would not accept, if any.
+    """The first global a refused ``torch.save`` file names that torch's tensor loader does not accept, if any.
 
     torch.load(weights_only=True) refuses such files, but in words meant for their author and
-    in the same way as damaged ones; this says which it was without unpickling anything.
+    in the same way as damaged ones; torch's own static scan (nothing is unpickled) says which it was.
     """
     try:
-        payload = _pickle_payload(path)
-    except Exception:  # not even a readable container: damaged, not refused
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a torch.save file (a plain or damaged pickle): say it cannot be read
         return None
-    allowed = _tensor_globals()
-    for name in _pickle_globals(payload):
-        if name not in allowed and not re.fullmatch(r"torch\.(cuda\.)?\w*Storage", name):
-            return name
-    return None
-
-
-def _pickle_payload(path: Path) -> bytes:
-    if zipfile.is_zipfile(path):  # torch.save's format since 1.6: the pickle is <archive>/data.pkl
-        with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
-            if name is None:
-                return b""
-            with archive.open(name) as f:
-                return f.read(_PICKLE_SCAN_LIMIT)
-    with open(path, "rb") as f:  # the legacy format and plain pickles: pickles back to back
-        return f.read(_PICKLE_SCAN_LIMIT)
-
-
-def _pickle_globals(payload: bytes):
-    """Names ('module.attr') of the globals in ``payload``'s pickles, read by opcode only."""
-    stream, strings = io.BytesIO(payload), []
-    while stream.tell() < len(payload):
-        try:
-            for op, arg, _ in pickletools.genops(stream):
-                if op.name in ("GLOBAL", "INST"):
-                    yield arg.replace(" ", ".")
-                elif op.name == "STACK_GLOBAL":
-                    # module and name are the two strings pushed last; fetched from the memo, unknown
-                    known = len(strings) >= 2 and None not in strings[-2:]
-                    yield ".".join(strings[-2:]) if known else "an object of unknown class"
-                elif isinstance(arg, str) and ("UNICODE" in op.name or op.name.endswith("STRING")):
-                    strings.append(arg)
-                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
-                    strings.append(None)
-        except Exception:  # the rest is tensor data or damage: what was read so far is the answer
-            return
-
-
-def _tensor_globals() -> set[str]:
-    try:  # torch's own list of what weights_only accepts, where this torch exposes it
-        from torch._weights_only_unpickler import _get_allowed_globals
-
-        return set(_get_allowed_globals())
-    except Exception:
-        return {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter", "_codecs.encode"}
+    return found[0] if found else None
 
 
 def _is_torchscript(path: Path) -> bool:
