@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import epoch_speed  # noqa: E402  (the tutorial's pipeline, reproduced)
-from sections import cpu_name, replace_block  # noqa: E402
+from sections import cpu_name, replace_block, vendor  # noqa: E402
 
 from image_logreg import LogisticRegression, TrainConfig, fit, load_split, split_indices  # noqa: E402
 from image_logreg.data import prepare_inputs, preprocessing_for  # noqa: E402
@@ -281,11 +281,11 @@ def main(argv=None) -> int:
     table = render(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    replace_block(out, "compare", table)  # the other benchmarks' blocks stay as they are
+    replace_block(out, f"compare-{vendor()}", table)  # the other benchmarks' and CPUs' blocks stay as they are
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.update_readme:
-        replace_block(ROOT / "docs" / "speed.md", "results", table)
+        replace_block(ROOT / "docs" / "speed.md", f"results-{vendor()}", table)
     print(table)
     return 0
 

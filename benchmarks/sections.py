@@ -18,6 +18,17 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def vendor() -> str:
+    """``intel``, ``amd`` or ``other``: the figures of each are kept in blocks of their own, since
+    BLAS kernels and thread choices that win on one can lose on the other."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            found = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("vendor_id")), "")
+    except OSError:
+        found = ""
+    return {"GenuineIntel": "intel", "AuthenticAMD": "amd"}.get(found, "other")
+
+
 def machine(*packages: str) -> str:
     """``AMD EPYC ..., 2 cores, torch 2.14.1, Python 3.11.7``, naming the versions of ``packages``."""
     versions = "".join(f", {name} {version(name)}" for name in packages)

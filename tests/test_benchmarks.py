@@ -20,6 +20,10 @@ def test_compare_quick_writes_the_results_table(real_data, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     table = out.read_text()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sections import vendor
+
+    assert f"<!-- compare-{vendor()}:start -->" in table  # each CPU vendor's figures in a block of their own
     for row in ("one epoch, tutorial settings", "scikit-learn `LogisticRegression()`", "image-logreg `--deskew`", "fit time",
                 "`image-logreg train`, wall time of the whole process"):
         assert row in table
