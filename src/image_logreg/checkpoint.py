@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import io
 import os
 import pickle
+import pickletools
 import re
 import unicodedata
 import warnings
@@ -322,16 +324,30 @@ def _read_state_dict(path: Path) -> dict:
 
 
 def _objects_in_pickle(path: Path) -> str | None:
-    """The first global a refused ``torch.save`` file names that torch's tensor loader does not accept, if any.
+    """What a refused pickle would import beyond tensors, if anything: named where it can be; None if nothing.
 
     torch.load(weights_only=True) refuses such files, but in words meant for their author and
-    in the same way as damaged ones; torch's own static scan (nothing is unpickled) says which it was.
+    in the same way as damaged ones. Nothing is unpickled: a ``torch.save`` file is scanned by
+    torch's own static scan; another pickle (a plain one, or torch's legacy format of several
+    pickles back to back) is read opcode by opcode.
     """
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a torch.save file (a plain or damaged pickle): say it cannot be read
-        return None
-    return found[0] if found else None
+        return found[0] if found else None
+    except Exception:  # not a torch.save zip
+        pass
+    try:
+        with open(path, "rb") as f:
+            while f.read(1):
+                f.seek(-1, io.SEEK_CUR)
+                for op, arg, _ in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):  # protocols 0-3 name what they import
+                        return arg.replace(" ", ".")
+                    if op.name == "STACK_GLOBAL":  # 4 and 5 take the name from the stack
+                        return "an object"
+    except Exception:  # the rest is tensor data or damage
+        pass
+    return None
 
 
 def _is_torchscript(path: Path) -> bool:
