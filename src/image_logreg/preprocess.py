@@ -10,23 +10,20 @@ repeats the steps that made MNIST.
 from __future__ import annotations
 
 import functools
-import io
 import struct
-import warnings
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from .errors import ImageError, ImageTooLargeError
+from .errors import ImageError
+from .images import is_numeric, label_of, numeric_to_unit, open_image, over_white
 from .settings import MAX_PIXELS
 
+# The suffixes of the formats ``images.FORMATS`` admits.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
-# Pillow's decoders for those suffixes (JPEG also opens phones' MPO files). Other
-# formats are refused: some, like EPS, hand the file to external programs.
-_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 
 # Pixels (0..1 scale) at or below this count as black when asking whether an
 # image already has MNIST's dark background.
@@ -108,46 +105,13 @@ def read_grayscale(
 
 
 def _read(source: str | Path | bytes, name: str | None, convert, max_pixels: int, working_side: int | None):
-    """``convert(image)`` of the decoded, upright image; errors name the file."""
-    budget = (max_pixels, working_side)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        label = name or "upload"
-        if len(source) == 0:
-            raise ImageError(f"{label}: empty file")
-        return _decode(lambda: io.BytesIO(source), label, convert, *budget)
-    path = Path(source)
-    try:
-        if path.stat().st_size == 0:
-            raise ImageError(f"{path}: empty file")
-    except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
-    except PermissionError:
-        raise ImageError(f"{path}: permission denied") from None
-    return _decode(lambda: path, str(path), convert, *budget)
-
-
-def check_pixels(size: tuple[int, int], max_pixels: int, label: str) -> None:
-    """Refuse an image of ``size`` (width, height) with more than ``max_pixels``, before decoding it."""
-    width, height = size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(too_many_pixels(label, size, max_pixels))
-
-
-def too_many_pixels(label: str, size: tuple[int, int], max_pixels: int) -> str:
-    width, height = size
-    return (f"{label}: image too large ({width}x{height}, {width * height:,} pixels; "
-            f"the limit is {max_pixels:,}, see --max-pixels), refusing to decode")
-
-
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as the image's header states it, without decoding; None if unreadable."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # a PNG's first chunk
-    try:
-        with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
-            return image.size
-    except Exception:  # any unreadable header: the decoder will explain when it is asked to
-        return None
+    """``convert(image)`` of the decoded, upright image (averaged down toward ``working_side``, if
+    given); errors name the file."""
+    with open_image(source, name=name, max_pixels=max_pixels) as opened:
+        if working_side:
+            opened.decode_at_least(working_side, working_side)
+        image = opened.upright()
+        return convert(_reduced(image, working_side) if working_side else image)
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -197,44 +161,6 @@ def _plain_gray_png(data: bytes, size: tuple[int, int]) -> np.ndarray | None:
     return np.frombuffer(image.tobytes(), dtype=np.uint8).reshape(size)
 
 
-def _decode(open_source, label: str, convert, max_pixels: int = MAX_PIXELS, working_side: int | None = None):
-    try:
-        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an image that
-        # big from a user is an attack or a mistake either way. Its other warnings (corrupt
-        # EXIF, odd TIFF tags) are about files it still reads: noise beside a prediction.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(open_source(), formats=_FORMATS) as image:
-                check_pixels(image.size, max_pixels, label)
-                if working_side:
-                    _draft(image, working_side)
-                image.load()  # decode now, so a truncated file fails here and not later
-                _upright(image)
-                return convert(_reduced(image, working_side) if working_side else image)
-    except UnidentifiedImageError:
-        raise ImageError(f"{label}: not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageTooLargeError(
-            f"{label}: image too large (more than {Image.MAX_IMAGE_PIXELS} pixels), refusing to decode"
-        ) from None
-    except FileNotFoundError:
-        raise ImageError(f"{label}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError(f"{label}: is a directory, not an image file") from None
-    except PermissionError:
-        raise ImageError(f"{label}: permission denied") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError) as error:
-        raise ImageError(f"{label}: truncated or corrupt image ({_one_line(error)})") from None
-
-
-def _draft(image: Image.Image, working_side: int) -> None:
-    """Let a JPEG decode at 1/2, 1/4 or 1/8 scale while its shorter side stays at least
-    ``working_side``: a fraction of the time and memory, and a lying header costs nothing."""
-    if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * working_side:
-        image.draft(image.mode, (working_side, working_side))
-
-
 def _reduced(image: Image.Image, working_side: int) -> Image.Image:
     """``image`` averaged down by a whole factor while its shorter side stays at least ``working_side``."""
     factor = min(image.size) // working_side
@@ -247,48 +173,10 @@ def _reduced(image: Image.Image, working_side: int) -> Image.Image:
     return image.reduce(factor)
 
 
-# Where Pillow finds an orientation in a PNG: EXIF (eXIf, or ImageMagick's text chunk) or XMP.
-_PNG_ORIENTATION = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
-
-
-def _upright(image: Image.Image) -> None:
-    """Apply the image's EXIF orientation in place. A PNG without any chunk that could state one
-    is upright as stored (asking Pillow would build and parse an empty EXIF block)."""
-    if image.format == "PNG" and not any(key in image.info for key in _PNG_ORIENTATION):
-        return
-    ImageOps.exif_transpose(image, in_place=True)
-
-
 def _to_gray_array(image: Image.Image) -> np.ndarray:
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return numeric_to_unit(image)
-    if image.has_transparency_data:
-        # Transparent pixels often hold black colour values; over white they read as paper.
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
-
-
-def numeric_to_unit(image: Image.Image) -> np.ndarray:
-    """16-bit, 32-bit and float images: scale by the range their values evidently use."""
-    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-    low, high = values.min(), values.max()
-    if image.mode.startswith("I;16"):
-        full_scale = 65535.0
-    elif low >= 0 and high <= 1 and image.mode == "F":
-        full_scale = 1.0
-    elif low >= 0 and high <= 255:
-        full_scale = 255.0
-    elif low >= 0 and high <= 65535:
-        full_scale = 65535.0
-    else:  # no convention to go by: stretch what is there
-        return ((values - low) / max(high - low, 1e-12)).astype(np.float32)
-    return np.clip(values / full_scale, 0.0, 1.0).astype(np.float32)
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    if is_numeric(image):
+        return numeric_to_unit(image)  # its steps finer than 8 bits kept, not rounded
+    return np.asarray(over_white(image).convert("L"), dtype=np.float32) / 255.0
 
 
 def normalize_digit(gray: np.ndarray, size: tuple[int, int] = (28, 28), box: int = 20) -> np.ndarray:
@@ -590,5 +478,4 @@ def prepare_image(
     try:
         return normalize_digit(gray, size, box=digit_box(size))
     except ImageError as error:
-        label = (name or "upload") if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-        raise ImageError(f"{label}: {error}") from None
+        raise ImageError(f"{label_of(source, name)}: {error}") from None

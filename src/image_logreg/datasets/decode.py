@@ -1,9 +1,8 @@
 """Decode image files into one uint8 array: every file once, in parallel, at one size and colour.
 
 Each file becomes either an H x W gray image or a 3 x H x W RGB image (channels first, as
-torch lays images out), or a reason why it cannot be used. Pillow decides what a file is;
-only the formats that ``preprocess`` admits are opened (others, like EPS, would run
-external programs).
+torch lays images out), or a reason why it cannot be used. Files are opened, checked and
+turned upright as ``images`` opens every image file (as ``predict`` reads them too).
 
 Nothing here imports torch: the decoding runs in worker processes, which start faster
 without it.
@@ -11,10 +10,7 @@ without it.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import struct
 import sys
 import warnings
 from collections import Counter
@@ -23,10 +19,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from ..errors import UsageError
-from ..preprocess import _FORMATS, MAX_PIXELS, numeric_to_unit
+from ..images import OpenedImage, Unusable, flatten, open_image, open_image_unnamed, quiet_pillow
+from ..settings import MAX_PIXELS
 
 RESIZE_MODES = ("fit", "stretch", "crop")
 COLORS = ("gray", "rgb")
@@ -38,8 +35,6 @@ PARALLEL_FROM = 512
 CHUNK = 256
 # Sizes named in the "images differ in size" error; the rest are counted.
 SIZES_LISTED = 4
-
-_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 
 
 @dataclass(frozen=True)
@@ -111,135 +106,47 @@ class Decoded:
 # --- one file -------------------------------------------------------------------------------
 
 
-_TOO_LARGE = "image too large"
-
-
-class Unusable(Exception):
-    """A file that is not a usable image; the message is the reason, one line."""
-
-
 def read_image(source: str | os.PathLike | bytes, settings: DecodeSettings, name: str | None = None) -> np.ndarray:
     """One file made as a dataset's images were: uint8 H x W (gray) or 3 x H x W (rgb).
 
     ``source`` is a path, or a file's bytes as uploaded (then ``name`` is what errors call
     it). ``settings`` must be complete, as a decoded dataset records them (its size and
     colour decided), so a model trained on a folder sees a new file the way it saw its
-    training images. Raises ImageError naming the file (ImageTooLargeError for a
-    decompression bomb, as ``preprocess`` does).
+    training images. Raises ImageError naming the file (ImageTooLargeError for too many
+    pixels, as ``predict`` does for any file).
     """
-    from ..errors import ImageError, ImageTooLargeError
-
     if settings.image_size is None or settings.color is None:
         raise ValueError("read_image needs the image size and colour that the dataset settled on")
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        label = name or "upload"
-        if len(source) == 0:
-            raise ImageError(f"{label}: empty file")
-        opened = io.BytesIO(source)
-    else:
-        label = opened = str(source)
-        with contextlib.suppress(OSError):
-            if os.path.getsize(opened) == 0:
-                raise ImageError(f"{label}: empty file")
-    with _pillow_warnings():
-        result = _decode_or_skip(opened, settings.check(), None)
-    if result[0] == "skip":
-        error = ImageTooLargeError if result[1].startswith(_TOO_LARGE) else ImageError
-        raise error(f"{label}: {result[1]}")
-    pixels = result[1]
+    settings = settings.check()
+    with open_image(source, name=name, max_pixels=settings.max_pixels) as image:
+        pixels = _decode(image, settings, None)[1]
     return pixels if pixels.flags.writeable else pixels.copy()  # Pillow's own buffer is read-only; callers may write
-
-
-@contextlib.contextmanager
-def _pillow_warnings():
-    """Pillow only warns between MAX_IMAGE_PIXELS and twice that; such a file in a dataset is a
-    mistake or an attack either way: an error. Its other warnings are about files it reads."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield
 
 
 def _decode_or_skip(path, settings, expected):
     try:
-        return _decode(path, settings, expected)
+        with open_image_unnamed(path, settings.max_pixels) as image:
+            return _decode(image, settings, expected)
     except Unusable as reason:
         return ("skip", str(reason))
 
 
-def _decode(path, settings, expected):
-    try:
-        with Image.open(path, formats=_FORMATS) as image:
-            _check_pixels(image.size, settings.max_pixels)
-            if image.format == "PNG":
-                image.load()  # a PNG's EXIF block may follow its pixels
-            orientation = _orientation(image)
-            size = _oriented_size(image, orientation)
-            target = settings.image_size or expected
-            if target is not None and settings.image_size is None and size != target:
-                return ("size", size)
-            if target is not None and size != target:
-                _draft_for(image, size, target)
-            image.load()  # decode now, so a truncated file fails here
-            if orientation != 1:
-                image = ImageOps.exif_transpose(image)
-            pixels, has_colour = _to_pixels(image, settings, target or size)
-            return ("image", pixels, has_colour)
-    except UnidentifiedImageError:
-        raise Unusable("not an image file (expected PNG, JPEG, GIF, BMP, WebP or TIFF)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise Unusable(f"{_TOO_LARGE} (more than {Image.MAX_IMAGE_PIXELS} pixels)") from None
-    except FileNotFoundError:
-        raise Unusable("no such file") from None
-    except IsADirectoryError:
-        raise Unusable("is a directory, not an image file") from None
-    except PermissionError:
-        raise Unusable("permission denied") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, MemoryError, IndexError) as error:
-        raise Unusable(f"truncated or corrupt image ({_one_line(error)})") from None
-
-
-def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
-    width, height = size
-    if width * height > max_pixels:
-        raise Unusable(f"{_TOO_LARGE} ({width}x{height}, {width * height:,} pixels; the limit is {max_pixels:,}, "
-                       "see --max-pixels)")
-
-
-def _oriented_size(image: Image.Image, orientation: int) -> tuple[int, int]:
-    """(H, W) as the image will stand once its EXIF ``orientation`` is applied."""
-    width, height = image.size
-    if orientation in (5, 6, 7, 8):  # the four that turn the image by 90 degrees
-        width, height = height, width
-    return (height, width)
-
-
-# Where Pillow finds an orientation: EXIF (TIFF's own tags hold it too) and XMP.
-_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")
-
-
-def _orientation(image: Image.Image) -> int:
-    if image.format != "TIFF" and not any(key in image.info for key in _ORIENTATION_SOURCES):
-        return 1  # most images: no metadata to parse
-    try:
-        return int(image.getexif().get(0x0112, 1))
-    except Exception:  # a broken EXIF block is no reason to lose the image; it stands as stored
-        return 1
-
-
-def _draft_for(image: Image.Image, size: tuple[int, int], target: tuple[int, int]) -> None:
-    """Let JPEG decode at 1/2, 1/4 or 1/8 scale when the result stays at least ``target``: several times faster."""
-    if image.format != "JPEG":
-        return
-    height, width = target
-    if size != (image.size[1], image.size[0]):  # turned by EXIF: the stored image is W x H
-        height, width = width, height
-    image.draft(image.mode, (width, height))
+def _decode(image: OpenedImage, settings: DecodeSettings, expected: tuple[int, int] | None):
+    """("image", pixels, has colour), or ("size", its size) for an image that is not the size
+    ``expected`` when none was asked for (decoded no further: the files will be refused for it)."""
+    size = image.upright_size()
+    target = settings.image_size or expected
+    if target is not None and settings.image_size is None and size != target:
+        return ("size", size)
+    if target is not None and size != target:
+        image.decode_at_least(*target)
+    pixels, has_colour = _to_pixels(image.upright(), settings, target or size)
+    return ("image", pixels, has_colour)
 
 
 def _to_pixels(image: Image.Image, settings: DecodeSettings, target: tuple[int, int]):
     """The image at ``target`` size as uint8 pixels (H x W or 3 x H x W), and whether it has colour."""
-    image = _plain_mode(image)
+    image = flatten(image)
     if settings.color == "gray" and image.mode != "L":
         image = image.convert("L")
     elif settings.color == "rgb" and image.mode != "RGB":
@@ -252,27 +159,6 @@ def _to_pixels(image: Image.Image, settings: DecodeSettings, target: tuple[int, 
     if settings.color is None and _channels_equal(pixels):
         return np.ascontiguousarray(pixels[..., 0]), False  # what convert("L") gives for R = G = B
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)), True
-
-
-def _plain_mode(image: Image.Image) -> Image.Image:
-    """``L`` or ``RGB``: transparency over white, 16-bit and float scaled to 8 bits, palette and CMYK as RGB."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return Image.fromarray(_numeric_to_uint8(image))
-    if image.has_transparency_data:
-        # Transparent pixels often hold black colour values; over white they read as background.
-        rgba = image.convert("RGBA")
-        image_over_white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return image_over_white.convert("L" if image.mode in _GRAY_MODES else "RGB")
-    if image.mode == "L":
-        return image
-    if image.mode == "1":
-        return image.convert("L")
-    return image.convert("RGB")
-
-
-def _numeric_to_uint8(image: Image.Image) -> np.ndarray:
-    """16-bit, 32-bit and float images on 0..255, by the same range rules as users' image files."""
-    return np.clip(np.rint(numeric_to_unit(image) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _resize(image: Image.Image, target: tuple[int, int], mode: str) -> Image.Image:
@@ -297,17 +183,13 @@ def _channels_equal(pixels: np.ndarray) -> bool:
     return bool(np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2]))
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _decode_chunk(task):
     """The results for a chunk of files, the pixels of its images packed into one array.
 
     One array crosses between processes far faster than hundreds of small ones.
     """
     paths, settings, expected = task
-    with _pillow_warnings():
+    with quiet_pillow:  # once for the chunk: each file then costs a lock, not a change of warning filters
         results = [_decode_or_skip(path, settings, expected) for path in paths]
     pixels = [r[1] for r in results if r[0] == "image"]
     if not pixels or len({p.shape for p in pixels}) > 1:  # gray and colour mixed: sent as they are
@@ -334,7 +216,7 @@ def decode_files(
 ) -> Decoded:
     """Decode ``paths`` into one array. Raises ImageSizeError when sizes differ and none was given."""
     settings = settings.check()
-    expected = settings.image_size or _first_size(paths)
+    expected = settings.image_size or _first_size(paths, settings.max_pixels)
     results = _ResultCollector(len(paths), settings, expected)
     with _progress_bar(len(paths), progress) as bar:
         for start, chunk_results in _decode_in_chunks(paths, settings, expected, workers):
@@ -348,15 +230,13 @@ class ImageSizeError(UsageError):
     """The images differ in size and no size was given: the message lists the sizes found."""
 
 
-def _first_size(paths: Sequence[str]) -> tuple[int, int] | None:
-    """The oriented size of the first file that opens; the size others are held to when none is given."""
+def _first_size(paths: Sequence[str], max_pixels: int) -> tuple[int, int] | None:
+    """The upright size of the first usable file; the size others are held to when none is given."""
     for path in paths:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                with Image.open(path, formats=_FORMATS) as image:
-                    return _oriented_size(image, _orientation(image))
-        except Exception:  # unusable: decoding will say why, in its place in the list
+            with open_image_unnamed(path, max_pixels) as image:
+                return image.upright_size()
+        except Unusable:  # decoding will say why, in its place in the list
             continue
     return None
 

@@ -22,7 +22,8 @@ from starlette.formparsers import MultiPartException
 from .. import __version__
 from ..errors import ImageError, ImageTooLargeError
 from ..predict import explain, predict_file
-from ..preprocess import MAX_PIXELS, header_size, too_many_pixels
+from ..images import header_size, too_many_pixels
+from ..settings import MAX_PIXELS
 from . import protocol
 from .feedback import Feedback, register_feedback_routes
 from .guard import Guard

@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import UsageError
 from ..files import write_new
+from ..images import image_format
 from ..lineage import class_folder, class_of_folder
 from ..data import to_uint8
 from ..predict import explain, predict_images, prepare_file
@@ -142,11 +143,8 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def _suffix(data: bytes) -> str:
-    try:
-        with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            return _FORMAT_SUFFIXES.get(image.format, ".bin")
-    except Exception:  # decoded already by then; whatever Pillow makes of it now, keep the bytes
-        return ".bin"
+    # decoded already by then; whatever its header says now, the bytes are kept
+    return _FORMAT_SUFFIXES.get(image_format(data), ".bin")
 
 
 class Feedback:
