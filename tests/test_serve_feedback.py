@@ -150,9 +150,11 @@ BAD = [
     ({"json": {"inputs": [{"name": "input", "shape": [1, 27, 28], "datatype": "UINT8", "data": [0] * 756}],
                "label": 1}}, 400, "does not fit"),
     ({"content": b"{not json", "headers": {"Content-Type": "application/json"}}, 400, "not valid JSON"),
-    ({"content": b"not an image", "headers": {"Content-Type": "image/png"}, "params": {"label": "1"}}, 400, "not an image"),
+    ({"json": tensor_body(np.zeros((28, 28), np.uint8), 1)}, 400, "blank image"),  # nothing to learn, as learn skips it
+    ({"json": tensor_body(np.full((28, 28), 0.5, np.float32), 1, "FP32")}, 400, "blank image"),
     ({"content": png_bytes(np.full((40, 40), 255, np.uint8)), "headers": {"Content-Type": "image/png"},
-      "params": {"label": "1"}}, 400, ""),
+      "params": {"label": "1"}}, 400, "blank image"),
+    ({"content": b"not an image", "headers": {"Content-Type": "image/png"}, "params": {"label": "1"}}, 400, "not an image"),
     ({"content": png_bytes(toy_image(1)), "headers": {"Content-Type": "image/png"}}, 400, "label: none"),
     ({"content": b"", "headers": {"Content-Type": "image/png"}, "params": {"label": "1"}}, 400, "empty body"),
     # types a page on another site may send without asking first (CORS) are refused

@@ -366,6 +366,8 @@ async def _correction(request: Request, served: ServedModel, normalize: bool, fi
     if kind == "application/json":
         images, _, _ = protocol.decode_request(body, served, 1)
         label = _label(orjson.loads(body).get("label"), served.classes)  # decode_request parsed it already
+        if bool((images[0] == images[0].flatten()[0]).all()):  # as a file with no ink is refused by prepare_file
+            raise ProtocolError("blank image: all its pixels have the same value, so it holds nothing to learn")
         return images[0], None, label
     if kind.startswith("image/") or kind == "application/octet-stream":
         label = _label(request.query_params.get("label"), served.classes)
