@@ -12,6 +12,7 @@ from PIL import Image
 
 
 from conftest import FAST, run_cli, train
+from image_logreg.settings import CONSTRAINTS, RunConfig
 
 
 def assert_one_line_error(code, out, err, *fragments):
@@ -34,6 +35,7 @@ def test_train_json_and_run_directory(capsys, toy_data, tmp_path):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["optimizer"] == "adam" and config["epochs"] == 3 and config["dataset"] == "mnist"
+    assert RunConfig.from_dict(config).to_dict() == {k: config[k] for k in CONSTRAINTS}  # every setting, readable back
     split = json.loads((out / "split.json").read_text())
     assert len(split["val_indices"]) == 120 and len(split["train_indices"]) == 480
     assert not set(split["val_indices"]) & set(split["train_indices"])
@@ -176,6 +178,10 @@ def test_truncated_dataset(capsys, toy_data, tmp_path):
         (["--train-subset", "0"], "--train-subset must be at least 1, got 0"),
         (["--train-subset", "-5"], "--train-subset must be at least 1, got -5"),
         (["--val-fraction", "-0.1"], "--val-fraction must be at least 0 and below 1"),
+        (["--lbfgs-iterations", "0"], "--lbfgs-iterations must be positive, got 0"),
+        (["--keep", "1.5"], "--keep must be above 0 and at most 1, got 1.5"),
+        (["--max-memory", "lots"], "--max-memory must be a size such as 4G"),
+        (["--image-size", "8x8"], "--image-size applies to --dataset folder and csv only, not mnist"),
         (["--preset", "fast"], "invalid choice"),
         (["--optimizer", "rmsprop"], "invalid choice"),
         (["--device", "tpu"], "invalid choice"),

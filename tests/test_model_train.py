@@ -91,7 +91,7 @@ def test_default_epochs_make_at_least_mnists_step_count():
 )
 def test_config_rejects_bad_values(bad):
     with pytest.raises(UsageError):
-        TrainConfig(**bad).check()
+        TrainConfig(**bad)
 
 
 def test_evaluate_reports_confusion_and_per_class():
@@ -275,9 +275,9 @@ def test_patience_defaults_to_a_tenth_of_the_epochs_and_zero_never_stops():
     assert TrainConfig().patience_for(5) == 10 and TrainConfig().patience_for(938) == 94
     assert TrainConfig(patience=0).patience_for(938) == 0
     with pytest.raises(UsageError, match="--patience"):
-        TrainConfig(patience=-1).check()
+        TrainConfig(patience=-1)
     with pytest.raises(UsageError, match="class weight"):
-        TrainConfig(class_weight="heavy").check()
+        TrainConfig(class_weight="heavy")
 
 
 def test_balanced_class_weights_give_the_gradient_of_the_weighted_loss():

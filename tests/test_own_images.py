@@ -20,7 +20,7 @@ from image_logreg.checkpoint import load_model
 from image_logreg.data import DATASET_DECODE
 from image_logreg.errors import CheckpointError
 from image_logreg.predict import predict_file
-from image_logreg.datasets import decode as images, folder
+from image_logreg.datasets import decode as images
 
 QUIET = ["--quiet", "--no-download"]
 

@@ -186,8 +186,8 @@ def test_configuration_table_shows_only_what_applied_and_reads_plainly():
 
 def test_the_start_line_says_how_inputs_are_prepared():
     from image_logreg.run import inputs_in_words
-    from image_logreg.settings import TrainConfig
+    from image_logreg.settings import RunConfig
 
-    assert inputs_in_words({"deskew": True}, TrainConfig()) == "deskewed"
-    words = inputs_in_words({"image_size": [32, 32]}, TrainConfig(class_weight="balanced"))
+    assert inputs_in_words(RunConfig(deskew=True)) == "deskewed"
+    words = inputs_in_words(RunConfig(dataset="folder", image_size=[32, 32], class_weight="balanced"))
     assert words == "pixels / 255, decoded at 32x32, balanced class weights"

@@ -43,6 +43,33 @@ def test_runs_lists_run_directories(capsys, toy_data, tmp_path):
     assert code == 2 and stdout == "" and "no such directory" in err
 
 
+def test_an_lbfgs_run_has_no_batch_size(tmp_path):
+    """L-BFGS steps over the whole training set: the batch size it records (a learnt run's parent's,
+    or the default) is no batch it trained in."""
+    from image_logreg.runs import find_runs
+
+    for name, optimizer in (("full", "lbfgs"), ("batches", "adam")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"optimizer": optimizer, "batch_size": 128}))
+        (tmp_path / name / "history.json").write_text(json.dumps([{"epoch": 1, "seconds": 0.5}]))
+    assert {r["name"]: r["batch_size"] for r in find_runs(tmp_path)} == {"full": None, "batches": 128}
+
+
+def test_a_run_shows_the_figures_of_the_weights_it_kept(tmp_path):
+    """With --keep-best a run ends with an earlier epoch's weights: its row shows that epoch's figures."""
+    from image_logreg.runs import find_runs
+
+    epochs = [{"epoch": 1, "val_accuracy": 0.80, "val_loss": 0.9, "seconds": 0.1},
+              {"epoch": 2, "val_accuracy": 0.85, "val_loss": 0.7, "seconds": 0.1},
+              {"epoch": 3, "val_accuracy": 0.86, "val_loss": 0.8, "seconds": 0.1}]
+    for name, kept in (("kept", 2), ("last", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"optimizer": "adam", "kept_epoch": kept}))
+        (tmp_path / name / "history.json").write_text(json.dumps(epochs))
+    rows = {r["name"]: (r["val_accuracy"], r["val_loss"]) for r in find_runs(tmp_path)}
+    assert rows == {"kept": (0.85, 0.7), "last": (0.86, 0.8)}
+
+
 def test_tensorboard_scalars_and_weight_images(capsys, toy_data, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -40,6 +40,15 @@ def test_importing_the_cli_imports_no_torchvision_or_matplotlib():
     assert not top & set(HEAVY), sorted(top & set(HEAVY))
 
 
+def test_the_settings_import_no_array_or_image_library():
+    """The run configuration and its table are plain data: --help builds every train flag from them."""
+    code = "import sys, image_logreg.settings; print(' '.join(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    top = {name.split(".")[0] for name in done.stdout.split()}
+    assert not top & {*HEAVY, "numpy", "PIL"}, sorted(top & {*HEAVY, "numpy", "PIL"})
+
+
 def test_the_package_still_offers_its_functions():
     """Its names are imported on first use, yet read as before."""
     import image_logreg

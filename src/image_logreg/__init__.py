@@ -25,7 +25,7 @@ _LAZY = {
     "evaluate": "metrics",
     "LogisticRegression": "model",
     "train_run": "run",
-    "TrainConfig": "settings",
+    "TrainConfig": "settings", "RunConfig": "settings",
     "fit": "train",
 }
 
@@ -47,6 +47,7 @@ __all__ = [
     "ImageLogregError",
     "ImageSet",
     "LogisticRegression",
+    "RunConfig",
     "TrainConfig",
     "evaluate",
     "fit",

@@ -28,8 +28,8 @@ from .data import DATASET_DECODE, preprocessing_for
 from .errors import CheckpointError
 from .files import atomic_path
 from .model import LogisticRegression
-from .datasets.decode import COLORS, RESIZE_MODES
 from .datasets.registry import DATASETS, dataset
+from .settings import COLORS, RESIZE_MODES
 
 FORMAT = "image-logreg"
 FORMAT_VERSION = 1

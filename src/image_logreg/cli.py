@@ -11,12 +11,14 @@ import json
 import os
 import re
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from . import __version__
 from .console import say
 from .distributed import DistributedError, env_rank, env_world_size
 from .errors import ImageLogregError, UsageError
+from .settings import CONSTRAINTS, Interval, RunConfig, check_settings
 
 
 class Parser(argparse.ArgumentParser):
@@ -78,8 +80,9 @@ def _one_line_list(match: re.Match) -> str:
 
 
 def cmd_train(args) -> int:
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    check_settings({"nproc": args.nproc}, COMMAND_FLAGS)
+    # flags left out (None) come from the preset, else the defaults; checked here, before any rank starts
+    config = RunConfig.from_settings(settings_given(args), args.preset)
     if args.nproc > 1:
         from .distributed import launch
         from .files import refuse_existing
@@ -88,37 +91,10 @@ def cmd_train(args) -> int:
             refuse_existing(args.out, args.overwrite, "--out directory")
         return launch(args.nproc, args.argv)
     from .run import train_run
-    from .settings import preset
 
     if env_rank() != 0:  # the other ranks train in silence: rank 0 logs and prints the results
         args.quiet, args.json, args.report = True, False, False
 
-    given = {
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "val_fraction": args.val_fraction,
-        "train_subset": args.train_subset,
-        "device": args.device,
-        "download": not args.no_download,
-        "optimizer": args.optimizer,
-        "lr": args.lr,
-        "batch_size": args.batch_size,
-        "epochs": args.epochs,
-        "momentum": args.momentum,
-        "weight_decay": args.weight_decay,
-        "schedule": args.schedule,
-        "tolerance": args.tolerance,
-        "keep_best": args.keep_best,
-        "patience": args.patience,
-        "class_weight": args.class_weight,
-        "calibrate": False if args.no_calibrate else None,
-        "keep": args.keep,
-        "seed": args.seed,
-        "deskew": args.deskew,
-        "max_memory": args.max_memory,
-        **image_options(args),
-    }
-    config = preset(args.preset, given)  # flags left out (None) come from the preset, else the defaults
     summary = train_run(
         config, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log,
         tensorboard=args.tensorboard, init=args.init,
@@ -127,7 +103,7 @@ def cmd_train(args) -> int:
         from .report import write_report
 
         try:
-            summary["report"] = str(write_report(summary["run_dir"], args.data_dir, download=not args.no_download))
+            summary["report"] = str(write_report(summary["run_dir"], config.data_dir, download=config.download))
         except ImageLogregError as exc:  # say the run itself is safe, not just what went wrong
             raise type(exc)(f"run saved to {summary['run_dir']}, but its report failed: {exc}") from None
     if env_rank() != 0:
@@ -146,12 +122,13 @@ def cmd_train(args) -> int:
     return 0
 
 
-def image_options(args) -> dict:
-    """The folder and CSV flags as settings (None where not given, so other datasets can refuse them)."""
-    return {
-        "image_size": args.image_size, "resize": args.resize, "color": args.color, "test_fraction": args.test_fraction,
-        "cache_dir": args.cache_dir, "no_cache": args.no_cache or None, "max_pixels": args.max_pixels,
-    }
+def settings_given(args, but=()) -> dict:
+    """The run settings the command line gave, by name (a flag left out is None: not given), but ``but``'s."""
+    return {name: getattr(args, name) for name in CONSTRAINTS if name not in but and getattr(args, name, None) is not None}
+
+
+# Flags that are no run setting, checked as the settings are.
+COMMAND_FLAGS = {name: [Interval(int, 1, None, closed="left")] for name in ("nproc", "top_k", "n", "count")}
 
 
 def cmd_evaluate(args) -> int:
@@ -206,10 +183,8 @@ def cmd_predict(args) -> int:
 
     if not args.files and args.index is None:
         raise UsageError("give image FILEs or folders, or --index N to predict dataset samples")
-    if args.top_k < 1:
-        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.max_pixels is not None and args.max_pixels < 1:
-        raise UsageError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    check_settings({"top_k": args.top_k}, COMMAND_FLAGS)
+    check_settings({"max_pixels": args.max_pixels})
     if args.csv:
         refuse_existing(args.csv, args.overwrite, "--csv file")
     model, meta, checkpoint = open_model(args)
@@ -300,10 +275,8 @@ def write_predictions_csv(path, results: list[dict], errors: list[dict]) -> None
 def cmd_suggest(args) -> int:
     from .suggest import check_folder, copy_suggestions, suggest_files
 
-    if args.n < 1:
-        raise UsageError(f"--n must be at least 1, got {args.n}")
-    if args.max_pixels is not None and args.max_pixels < 1:
-        raise UsageError(f"--max-pixels must be at least 1, got {args.max_pixels}")
+    check_settings({"n": args.n}, COMMAND_FLAGS)
+    check_settings({"max_pixels": args.max_pixels})
     check_folder(args.folder)  # before the model loads: a mistyped folder is one line at once
     if args.copy_to and Path(args.copy_to).exists() and not Path(args.copy_to).is_dir():
         raise UsageError(f"--copy-to {args.copy_to} is a file, not a folder")
@@ -350,33 +323,28 @@ def cmd_show(args) -> int:
     from .datasets import load_split
     from .files import refuse_existing
     from .plots import plot_grid
-    from .run import dataset_options
 
-    out = refuse_existing(args.out or f"{args.dataset}-{args.split}-samples.png", args.overwrite)
-    if args.count < 1:
-        raise UsageError(f"--count must be at least 1, got {args.count}")
-    options = dataset_options({"dataset": args.dataset, "seed": args.seed, **image_options(args)})
-    data = load_split(args.dataset, args.data_dir, args.split, download=not args.no_download, **options)
+    config = RunConfig.from_settings(settings_given(args))  # the dataset, and how a folder's images are read
+    out = refuse_existing(args.out or f"{config.dataset}-{args.split}-samples.png", args.overwrite)
+    check_settings({"count": args.count}, COMMAND_FLAGS)
+    data = load_split(config.dataset, config.data_dir, args.split, download=config.download, **config.dataset_options())
     picks = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[: args.count]
     titles = [f"#{i}: {data.classes[int(data.labels[i])]}" for i in picks.tolist()]
-    plot_grid([data.images[i].numpy() for i in picks.tolist()], titles, out, title=f"{args.dataset} {args.split} samples")
-    print(f"wrote {len(picks)} {args.dataset} {args.split} samples to {out}")
+    plot_grid([data.images[i].numpy() for i in picks.tolist()], titles, out, title=f"{config.dataset} {args.split} samples")
+    print(f"wrote {len(picks)} {config.dataset} {args.split} samples to {out}")
     return 0
 
 
 def cmd_sweep(args) -> int:
-    from .settings import TrainConfig, preset
+    from .settings import preset
     from .sweep import SWEEP_SETTINGS, grid_from_flags, print_summary, run_sweep
 
-    given = {name: getattr(args, name) for name in SWEEP_SETTINGS}
+    given = {name: getattr(args, name) for name in SWEEP_SETTINGS}  # comma-separated values
     grid = grid_from_flags(given)
     # a preset sets what the flags leave out: one value on the grid, or a setting shared by all runs
-    chosen = preset(args.preset, {"epochs": args.epochs})
+    chosen = preset(args.preset, settings_given(args, but=SWEEP_SETTINGS))
     grid.update({name: [chosen[name]] for name in SWEEP_SETTINGS if name in chosen and given[name] is None})
-    shared = {k: v for k, v in chosen.items() if k not in SWEEP_SETTINGS}
-    fixed = {"dataset": args.dataset, "data_dir": args.data_dir, "download": not args.no_download,
-             "device": args.device, "epochs": TrainConfig().epochs, "seed": args.seed, "deskew": args.deskew,
-             "max_memory": args.max_memory, **{k: v for k, v in image_options(args).items() if v is not None}, **shared}
+    fixed = {k: v for k, v in chosen.items() if k not in SWEEP_SETTINGS}
     result = run_sweep(grid, fixed, args.out, overwrite=args.overwrite, progress=not args.quiet, log=None if args.quiet else log)
     if args.json:
         emit_json(result)
@@ -409,7 +377,7 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from .checkpoint import load_model, resolve_checkpoint
-    from .export import FORMATS, export_model
+    from .export import FORMATS, export_model, input_spec
     from .files import refuse_existing
 
     if args.format not in FORMATS:  # before loading anything
@@ -417,18 +385,22 @@ def cmd_export(args) -> int:
     out = refuse_existing(args.out, args.overwrite, "--out file")
     checkpoint = resolve_checkpoint(args.model)
     model, meta = load_model(checkpoint, dataset=args.dataset)
-    path = export_model(model, meta, out, args.format)
-    shape = ["batch", *model.input_shape]
+    path = export_model(model, meta, out, args.format, image_input=args.image_input)
+    spec = input_spec(meta, args.image_input)
     result = {"model": str(checkpoint), "format": args.format, "out": str(path), "dataset": meta["dataset"],
-              "input": {"name": "input", "dtype": "uint8", "shape": shape},
-              "output": {"name": "probabilities", "shape": ["batch", model.num_classes]},
-              "deskew": bool((meta.get("preprocessing") or {}).get("deskew"))}
+              "input": spec, "output": {"name": "probabilities", "shape": ["batch", model.num_classes]},
+              "deskew": bool((meta.get("preprocessing") or {}).get("deskew")), "image_input": args.image_input}
     if args.json:
         emit_json(result)
     else:
         steps = "deskew, x / 255" if result["deskew"] else "x / 255"
-        dims = ", ".join(map(str, shape))
-        print(f"wrote {path}: uint8 input [{dims}] -> {steps} -> probabilities [batch, {model.num_classes}] ({meta['dataset']})")
+        if args.image_input:
+            digit = "x".join(map(str, model.input_shape))
+            steps = f"normalised as a digit ({digit}, centred by mass, as predict does), {steps}"
+        dims = ", ".join(map(str, spec["shape"]))
+        blank = "; NaN for a blank image" if args.image_input else ""
+        print(f"wrote {path}: uint8 {spec['name']} [{dims}] -> {steps} -> probabilities [batch, {model.num_classes}] "
+              f"({meta['dataset']}{blank})")
     return 0
 
 
@@ -505,62 +477,64 @@ def open_model(args):
 # --- parser -----------------------------------------------------------------------------------
 
 
+def add_setting_flag(p, name: str) -> None:
+    """Run setting ``name``'s flag, as its field and its row of ``CONSTRAINTS`` describe it: spelling,
+    type, choices, help. Left out, it is None: the preset's value, else the default its help names."""
+    from .settings import FLAGS, Options, flag
+
+    field = {f.name: f for f in fields(RunConfig)}[name]
+    row = CONSTRAINTS[name]
+    spec = {"dest": name, "default": None, "help": field.metadata["help"].replace("%", "%%")}
+    if bool in row:  # a switch: on (--deskew), off (FLAGS' --no-download), or either way (--keep-best, --no-keep-best)
+        if field.default is False:
+            spec["action"] = "store_true"
+        elif name in FLAGS:
+            spec.update(action="store_const", const=False)
+        else:
+            spec["action"] = argparse.BooleanOptionalAction
+    else:
+        spec["metavar"] = field.metadata["metavar"]
+        choices = [c.choices for c in row if isinstance(c, Options)]
+        if choices:
+            spec["choices"] = choices[0]
+        elif str not in row:
+            spec["type"] = next(c.kind for c in row if isinstance(c, Interval))
+    p.add_argument(flag(name), **spec)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # plain data only: building the parser must not import torch (--version, --help answer at once)
-    from .settings import (
-        CLASS_WEIGHTS, DATA_DEFAULTS, DATASET_NAMES, DEFAULT_EPOCHS, DEFAULT_LR, LEARN_HOLD_OUT, LEARN_REPLAY, MAX_PIXELS,
-        MIN_DEFAULT_STEPS, OPTIMIZERS, PRESETS, SCHEDULES, SUGGEST_BY, SUGGEST_N, TrainConfig, default_data_dir,
-    )
-    from .datasets.decode import COLORS, RESIZE_MODES
+    from .settings import DATASET_NAMES, DEVICES, FOLDER_SETTINGS, LEARN_HOLD_OUT, LEARN_REPLAY, PRESETS, SUGGEST_BY, SUGGEST_N
+    from .sweep import SWEEP_SETTINGS
 
-    defaults = TrainConfig()
+    defaults = RunConfig()
     parser = Parser(prog="image-logreg", description="Image classification with logistic regression in PyTorch.")
     parser.add_argument("--version", action="version", version=f"image-logreg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    data_settings = ("dataset", "data_dir", "download")
 
-    def data_flags(p, for_model=False):
-        if for_model:
-            dataset_help = "dataset the model was trained on (default: from the checkpoint; mnist for a state_dict)"
-            dir_help = ("folder holding MNIST/raw/, FashionMNIST/raw/ and the like, or a folder or CSV dataset's own "
-                        "(default: $IMAGE_LOGREG_DATA if set, else the run's own, else ./data)")
-        else:
-            dataset_help = "dataset; folder: DIR in ImageFolder layout, csv: a path,label CSV file (default: %(default)s)"
-            dir_help = ("folder holding MNIST/raw/, FashionMNIST/raw/ and the like (default: ./data, or $IMAGE_LOGREG_DATA); "
-                        "for --dataset folder the image folder, for csv the CSV file")
-        p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None if for_model else "mnist", help=dataset_help)
-        p.add_argument("--data-dir", default=None if for_model else default_data_dir(), help=dir_help)
-        p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
-
-    def image_flags(p):
-        """How a folder's or CSV's images are decoded (refused for the other datasets)."""
+    def data_flags(p):
+        """The dataset, where it is, and how a folder's or CSV's images are decoded (refused for the other datasets)."""
+        for name in data_settings:
+            add_setting_flag(p, name)
         g = p.add_argument_group("folder and csv datasets")
-        g.add_argument("--image-size", metavar="HxW", default=None,
-                       help="bring every image to this size (default: the size all images share)")
-        g.add_argument("--resize", choices=RESIZE_MODES, default=None,
-                       help="fit: keep the aspect ratio, pad with the background; stretch; crop: cover, cut the overflow (default: fit)")
-        g.add_argument("--color", choices=COLORS, default=None, help="(default: rgb if any image has colour)")
-        g.add_argument("--test-fraction", type=float, default=None,
-                       help="share of each class held out as the test split when there are no train/ and test/ (default: 0.2)")
-        g.add_argument("--cache-dir", default=None, help="where decoded images are cached (default: $XDG_CACHE_HOME/image-logreg)")
-        g.add_argument("--no-cache", action="store_true", help="decode every file, read and write no cache")
-        max_pixels_flag(g)
+        for name in FOLDER_SETTINGS:
+            add_setting_flag(g, name)
 
-    def max_pixels_flag(p):
-        p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                       help=f"refuse images of more than N pixels, unread (default: {MAX_PIXELS:,})")
+    def run_flags(p, but=()):
+        """The flags of the other run settings: how the weights are fitted, on what inputs and device."""
+        for name in CONSTRAINTS:
+            if name not in (*data_settings, *FOLDER_SETTINGS, *but):
+                add_setting_flag(p, name)
 
-    def run_flags(p):
-        """What train and sweep share: how long, from which seed, on what inputs and device."""
-        p.add_argument("--epochs", type=int, default=None, help=(
-            f"(default: {DEFAULT_EPOCHS}, or more on a small training set: enough for {MIN_DEFAULT_STEPS:,} steps)"
-        ))
-        p.add_argument("--seed", type=int, default=defaults.seed, help="seed for the split, initialisation and shuffling")
-        p.add_argument("--deskew", action="store_true", help="straighten slanted digits first (moment-based deskewing)")
-        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
-        p.add_argument("--max-memory", default=None, metavar="SIZE", help=(
-            "memory the training inputs may take as floats, e.g. 4G or 800M; a larger set is streamed "
-            "batch by batch from its uint8 file (default: half of this machine's memory, or of its container's limit)"
-        ))
+    def model_data_flags(p):
+        """Where a trained model's data is: the run's own unless told."""
+        p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
+                       help="dataset the model was trained on (default: from the checkpoint; mnist for a state_dict)")
+        p.add_argument("--data-dir", default=None,
+                       help="folder holding MNIST/raw/, FashionMNIST/raw/ and the like, or a folder or CSV dataset's own "
+                            "(default: $IMAGE_LOGREG_DATA if set, else the run's own, else ./data)")
+        p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
 
     tutorial = PRESETS["tutorial"]
     preset_help = (
@@ -568,48 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{tutorial['batch_size']}, {tutorial['val_fraction'] * 100:.0f}%% validation, {tutorial['epochs']} epochs); flags given override it"
     )
 
-    # Settings a preset may set default to None here; the defaults named in their help fill the rest.
     p = sub.add_parser("train", help="train a model and save a run directory")
     data_flags(p)
-    image_flags(p)
     p.add_argument("--preset", choices=list(PRESETS), default=None, help=preset_help)
-    p.add_argument(
-        "--val-fraction", type=float, default=None,
-        help=f"fraction held out for validation; 0 trains on the whole training split (default: {DATA_DEFAULTS['val_fraction']})",
-    )
-    p.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on a random N of the training split")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"(default: {defaults.optimizer})")
-    p.add_argument(
-        "--lr", type=float, default=None,
-        help="learning rate (default: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_LR.items()) + ")",
-    )
-    p.add_argument("--batch-size", type=int, default=None, help=f"(default: {defaults.batch_size})")
-    p.add_argument("--momentum", type=float, default=None, help=f"SGD momentum (default: {defaults.momentum})")
-    p.add_argument("--weight-decay", type=float, default=None, help=f"L2 penalty (default: {defaults.weight_decay})")
-    p.add_argument("--schedule", choices=SCHEDULES, default=None, help=f"learning-rate schedule (default: {defaults.schedule})")
-    p.add_argument(
-        "--tolerance", type=float, default=defaults.tolerance,
-        help="L-BFGS stops once no gradient entry exceeds this (default: %(default)s)",
-    )
-    p.add_argument(
-        "--keep-best", action=argparse.BooleanOptionalAction, default=None,
-        help="end with the weights of the epoch of least validation loss (default: on, when there is a validation set)",
-    )
-    p.add_argument(
-        "--patience", type=int, default=None, metavar="EPOCHS",
-        help="with --keep-best, stop once the validation loss has not improved for this many epochs "
-             "(default: a tenth of the epochs, at least 10; 0: never stop early)",
-    )
-    p.add_argument(
-        "--keep", type=float, default=None, metavar="SHARE",
-        help=f"the novelty threshold accepts this share of validation images; others are rejected as unlike the "
-             f"training images (default: {defaults.keep})",
-    )
-    p.add_argument("--no-calibrate", action="store_true", help="no temperature: the softmax probabilities as they come")
-    p.add_argument(
-        "--class-weight", choices=CLASS_WEIGHTS, default=None,
-        help="balanced: weigh each class's images by n / (classes x its count), for imbalanced folders (default: none)",
-    )
     run_flags(p)
     p.add_argument("--init", metavar="RUN", default=None,
                    help="start from the weights of RUN (run directory or checkpoint) instead of random ones: the same classes "
@@ -631,8 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_flags(p):
         p.add_argument("model", metavar="MODEL", help="run directory, .safetensors checkpoint or tutorial state_dict (.pth)")
-        data_flags(p, for_model=True)
-        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+        model_data_flags(p)
+        p.add_argument("--device", choices=DEVICES, default="auto", help="(default: %(default)s)")
         p.add_argument("--json", action="store_true", help="print one JSON document with the results")
 
     p = sub.add_parser("evaluate", help="loss, accuracy, per-class recall, precision and F1, confusion matrix")
@@ -652,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="also write the predictions (and any unreadable files) to a CSV file")
     p.add_argument("--save-preprocessed", metavar="DIR", help="write the image the model saw for each file into DIR (PNG)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file or preprocessed images")
-    max_pixels_flag(p)
+    add_setting_flag(p, "max_pixels")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("suggest", help="rank unlabelled images by how much labelling them would teach the model")
@@ -666,15 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy the suggested files into DIR, beside a folder per class to sort them into for `learn RUN DIR`; "
                         "nothing there is replaced, and files already there are not suggested again")
     p.add_argument("--no-normalize", action="store_true", help="digit models: feed files as they are, as predict --no-normalize")
-    max_pixels_flag(p)
+    add_setting_flag(p, "max_pixels")
     p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None, help="what a tutorial state_dict was trained on")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON document with the results")
     p.set_defaults(func=cmd_suggest)
 
     p = sub.add_parser("show", help="write a labelled grid of dataset samples")
     data_flags(p)
-    image_flags(p)
     p.add_argument("--split", choices=["train", "test"], default="train", help="(default: %(default)s)")
     p.add_argument("--count", type=int, default=32, help="number of samples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for picking samples")
@@ -684,15 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train a grid of settings, compare them by validation accuracy (resumable)")
     data_flags(p)
-    image_flags(p)
     p.add_argument("--preset", choices=list(PRESETS), default=None, help=preset_help + " (the grid varies the flags given)")
-    for name, example, default in (
-        ("lr", "0.001,0.01", "per optimizer" if defaults.lr is None else defaults.lr),
-        ("batch_size", "100,256", defaults.batch_size), ("val_fraction", "0.1,0.2", 0.2), ("train_subset", "1000,all", "all"),
-        ("optimizer", "sgd,adam", defaults.optimizer), ("weight_decay", "0,1e-4", defaults.weight_decay),
-    ):
-        p.add_argument(f"--{name.replace('_', '-')}", metavar=example, help=f"comma-separated values (default: {default})")
-    run_flags(p)
+    examples = {"lr": "0.001,0.01", "batch_size": "100,256", "val_fraction": "0.1,0.2", "train_subset": "1000,all",
+                "optimizer": "sgd,adam", "weight_decay": "0,1e-4"}
+    shown = {"lr": "per optimizer", "train_subset": "all"}  # where the default is None
+    for name in SWEEP_SETTINGS:
+        p.add_argument(f"--{name.replace('_', '-')}", metavar=examples[name],
+                       help=f"comma-separated values (default: {shown.get(name, getattr(defaults, name))})")
+    run_flags(p, but=SWEEP_SETTINGS)
     p.add_argument("--out", required=True, help="sweep directory: one run directory per configuration, plus sweep.csv/.md/.png")
     p.add_argument("--overwrite", action="store_true", help="retrain configurations that are already done")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -727,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for the replayed images and the held-out ones (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="where the parent's data is (default: $IMAGE_LOGREG_DATA if set, else the run's own)")
     p.add_argument("--no-download", action="store_true", help="never download missing dataset files")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="(default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no lines on stderr but errors")
     p.add_argument("--json", action="store_true", help="print one JSON document with the results")
@@ -740,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None,
                    help="dataset the model was trained on (default: from the checkpoint; mnist for a state_dict)")
+    p.add_argument("--image-input", action="store_true",
+                   help="take gray uint8 images of any size ([batch, height, width]) and normalise each as predict "
+                        "normalises a file (digit-style models only)")
     p.add_argument("--json", action="store_true", help="print one JSON document describing the exported file")
     p.set_defaults(func=cmd_export)
 
@@ -754,9 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser requests from ORIGIN (repeatable)")
     p.add_argument("--max-body", type=int, default=None, metavar="BYTES", help="largest request body (default: 8 MiB)")
     p.add_argument("--max-images", type=int, default=None, metavar="N", help="most images per request (default: 1024)")
-    max_pixels_flag(p)
+    add_setting_flag(p, "max_pixels")
     p.add_argument("--dataset", choices=list(DATASET_NAMES), default=None, help="what a tutorial state_dict was trained on")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="(default: %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="(default: %(default)s)")
     p.add_argument("--http", choices=["auto", "httptools", "h11"], default="auto",
                    help="HTTP/1.1 parser (default: %(default)s, httptools where installed)")
     g = p.add_argument_group("slow and idle clients")

@@ -18,7 +18,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ import torch
 
 from .console import quiet
 from .errors import DataError, ImageLogregError, UsageError
-from .settings import LEARN_HOLD_OUT, LEARN_REPLAY
+from .settings import LEARN_HOLD_OUT, LEARN_REPLAY, RunConfig
 from .lineage import class_of_folder, some_names, weights_record
 from .train import target_rows
 
@@ -505,18 +505,20 @@ def _write_run(stage: Path, model, meta: dict, checkpoint: Path, data_dir, histo
     from .checkpoint import CHECKPOINT_NAME, save_model
     from .files import write_csv, write_json
     from .plots import plot_curves
-    from .run import FINAL_METRICS, SKIPPED_FILE, SOURCE_FILE, _environment, data_source_for, run_config
+    from .run import FINAL_METRICS, SKIPPED_FILE, SOURCE_FILE, _environment, data_source_for, run_record, run_settings
 
     parent_dir = checkpoint.parent
-    config = run_config(checkpoint) or dict(meta.get("config") or {}, dataset=meta["dataset"])
+    parent = run_settings(checkpoint) or RunConfig.from_dict(dict(meta.get("config") or {}, dataset=meta["dataset"]))
     folder, _ = data_source_for(checkpoint, data_dir)
     # how these weights were fitted; the parent's own settings are its config.json's (``parent``)
-    config.update(data_dir=os.path.abspath(folder), optimizer="lbfgs", lr=1.0, batch_size=None,
-                  epochs=len(history), schedule="constant", momentum=0.0, weight_decay=0.0, keep_best=False, patience=None,
-                  class_weight="none", lbfgs_iterations=ROUND, tolerance=TOLERANCE)
-    config.update(learn=settings, parent=summary["parent"], device_used=str(device), world_size=1, **_environment())
-    config.update(epochs_trained=len(history), kept_epoch=None, stopped_early=False, temperature=model.temperature,
-                  novelty_threshold=model.novelty.threshold if model.novelty is not None else None)
+    learnt_with = replace(parent, data_dir=os.path.abspath(folder), optimizer="lbfgs", lr=1.0, epochs=len(history),
+                          schedule="constant", momentum=0.0, weight_decay=0.0, keep_best=False, patience=None,
+                          class_weight="none", lbfgs_iterations=ROUND, tolerance=TOLERANCE)
+    config = run_record(
+        learnt_with, learn=settings, parent=summary["parent"], device_used=str(device), world_size=1, **_environment(),
+        epochs_trained=len(history), kept_epoch=None, stopped_early=False, temperature=model.temperature,
+        novelty_threshold=model.novelty.threshold if model.novelty is not None else None,
+    )
     write_json(stage / "config.json", config)
     for name in ("split.json", SOURCE_FILE, SKIPPED_FILE):  # the parent's data, which evaluate and a later learn read
         if (parent_dir / name).is_file() and (parent_dir / "config.json").is_file():

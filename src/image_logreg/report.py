@@ -325,7 +325,9 @@ th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: ta
 
 
 def _render_page(run, meta, config, history, split, result, cm, cal, figures) -> str:
-    final = history[-1]
+    from .runs import kept_record
+
+    final = kept_record(history, config)  # the epoch whose weights the report measures
     e = html.escape
     headline = [
         ("test accuracy", f"{result['accuracy']:.4f}"),
@@ -439,8 +441,8 @@ def _setting(name: str, value) -> str:
 def _metrics_table(final: dict, split: dict | None, result: dict) -> str:
     sizes = (len(split["train_indices"]), len(split["val_indices"])) if split else ("?", "?")
     rows = [
-        ("training (last epoch)", sizes[0], f"{final['train_loss']:.4f}", f"{final['train_accuracy']:.4f}"),
-        ("validation (last epoch)", sizes[1], _metric(final, "val_loss"), _metric(final, "val_accuracy")),
+        (f"training (epoch {final.get('epoch', '?')})", sizes[0], f"{final['train_loss']:.4f}", f"{final['train_accuracy']:.4f}"),
+        (f"validation (epoch {final.get('epoch', '?')})", sizes[1], _metric(final, "val_loss"), _metric(final, "val_accuracy")),
         ("test (computed now)", result["n"], f"{result['loss']:.4f}", f"{result['accuracy']:.4f}"),
     ]
     return _table(["split", "images", "loss", "accuracy"], rows, numeric={1, 2, 3})

@@ -14,6 +14,7 @@ import math
 import os
 import platform
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,79 +24,51 @@ from . import __version__
 from .checkpoint import CHECKPOINT_NAME, save_model
 from .console import quiet, say
 from .data import prepare_inputs, preprocessing_for
-from .datasets import DATASETS, IMAGE_OPTIONS, check_options, dataset, load_split
-from .datasets.base import ImageSet, check_fraction, split_indices, subset_indices
+from .datasets import DATASETS, dataset, load_split
+from .datasets.base import ImageSet, split_indices, subset_indices
 from .distributed import Group, session
-from .errors import DataError, UsageError
+from .errors import CheckpointError, DataError, UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
 from .confidence import calibrate
 from .metrics import confusion_matrix, expected_calibration_error, logits_of, per_class_scores, scores_of_logits
 from .model import LogisticRegression
-from .settings import DATA_DEFAULTS, default_data_dir
+from .settings import RunConfig, default_data_dir
 from .stream import StreamedImages, float_bytes, human_bytes, parse_memory
-from .train import TrainConfig, fit, resolve_device
+from .train import fit, resolve_device
 
 FINAL_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")  # a run's last epoch, in summaries
 SOURCE_FILE = "source.json"  # folder and CSV runs: the decode settings and each split's files
 SKIPPED_FILE = "skipped.json"  # folder and CSV runs with unusable files: each one and why
 # Settings that may differ between the ranks of one run: where each finds its data and keeps its cache.
-LOCAL_SETTINGS = ("data_dir", "cache_dir", "no_cache", "download", "max_memory", "streamed")
+LOCAL_SETTINGS = ("data_dir", "cache_dir", "no_cache", "download", "max_memory")
 
 
-def default_config(**overrides) -> dict:
-    """The full, flat run configuration: data settings plus ``TrainConfig``'s fields."""
-    config = dict(DATA_DEFAULTS, **TrainConfig().to_dict())
-    unknown = set(overrides) - set(config)
-    if unknown:
-        raise UsageError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    config.update(overrides)
-    return config
+def resolve(config: RunConfig) -> RunConfig:
+    """``config`` as a run records it: the optimizer's own learning rate where none is given, absolute
+    folders (so that evaluate, predict and report find the data from any folder), the image size as
+    [H, W] whatever form it was given in, and --max-memory in bytes (None: half this machine's memory)."""
+    from .datasets.decode import parse_image_size
+
+    size = parse_image_size(config.image_size)
+    return replace(
+        config.resolved(),
+        data_dir=os.path.abspath(config.data_dir),
+        cache_dir=os.path.abspath(config.cache_dir) if config.cache_dir else config.cache_dir,
+        image_size=list(size) if size else None,
+        max_memory=parse_memory(config.max_memory),
+    )
 
 
-def check_data_config(config: dict) -> None:
-    """Refuse a validation fraction, training subset or dataset option that cannot work, before any work."""
-    from .datasets.decode import decode_settings
-
-    entry = dataset(config["dataset"])
-    check_fraction(config["val_fraction"], "--val-fraction")
-    config["max_memory"] = parse_memory(config.get("max_memory"))
-    subset = config.get("train_subset")
-    if subset is not None and subset < 1:  # 0 must not quietly mean "all"
-        raise UsageError(f"--train-subset must be at least 1, got {subset}")
-    check_options(entry, dataset_options(config))
-    if entry.user_images:
-        decode_settings(config.get("image_size"), config.get("resize"), config.get("color"), config.get("max_pixels"))
-        if config.get("test_fraction") is not None:
-            check_fraction(config["test_fraction"], "--test-fraction")
-    if config.get("deskew") and entry.decode.get("color") == "rgb":
-        raise UsageError(f"--deskew works on grayscale images only; {config['dataset']} is colour")
-    if config.get("deskew") and config.get("color") == "rgb":
-        raise UsageError("--deskew works on grayscale images only; --color rgb makes colour ones (use --color gray)")
-
-
-def dataset_options(config: dict) -> dict:
-    """The ``load_split`` options a run's settings give its dataset.
-
-    Image options go to every dataset (``datasets.check_options`` refuses those given for a
-    dataset without use for them); the held-out test split's seed only to folders and CSVs.
-    """
-    options = {k: config.get(k) for k in IMAGE_OPTIONS if k != "seed"}
-    if dataset(config["dataset"]).user_images:
-        options["seed"] = config.get("seed")
-    options.update(cache_dir=config.get("cache_dir"), no_cache=bool(config.get("no_cache")))
-    return options
-
-
-def load_training_data(config: dict, progress: bool = False, log=None) -> tuple[ImageSet, ImageSet | None]:
+def load_training_data(config: RunConfig, progress: bool = False, log=None) -> tuple[ImageSet, ImageSet | None]:
     """The training split, and for a folder or CSV the test split from the same decode (else None)."""
-    name, options = config["dataset"], dataset_options(config)
+    name, options = config.dataset, config.dataset_options()
     if not dataset(name).user_images:
-        return load_split(name, config["data_dir"], "train", download=config["download"], **options), None
+        return load_split(name, config.data_dir, "train", download=config.download, **options), None
     from .datasets import folder
 
     # --test-fraction 0: everything trains, nothing is held out (so there is no test split to load)
-    splits = ("train",) if config.get("test_fraction") == 0 else ("train", "test")
-    sets = folder.load_splits(name, config["data_dir"], splits, progress=None if progress else False, log=log, **options)
+    splits = ("train",) if config.test_fraction == 0 else ("train", "test")
+    sets = folder.load_splits(name, config.data_dir, splits, progress=None if progress else False, log=log, **options)
     return sets["train"], sets.get("test")
 
 
@@ -120,49 +93,41 @@ def source_record(train: ImageSet, test: ImageSet | None) -> dict:
     return record
 
 
-def split_for(config: dict, n: int) -> dict:
+def split_for(config: RunConfig, n: int) -> dict:
     """The seeded train/validation split (and optional training subset): settings, and index tensors."""
-    train_idx, val_idx = split_indices(n, config["val_fraction"], config["seed"])
-    if config.get("train_subset") is not None:
-        train_idx = subset_indices(train_idx, int(config["train_subset"]), config["seed"])
+    train_idx, val_idx = split_indices(n, config.val_fraction, config.seed)
+    if config.train_subset is not None:
+        train_idx = subset_indices(train_idx, config.train_subset, config.seed)
     return {
         "n": n,
-        "val_fraction": config["val_fraction"],
-        "seed": config["seed"],
-        "train_subset": config.get("train_subset"),
+        "val_fraction": config.val_fraction,
+        "seed": config.seed,
+        "train_subset": config.train_subset,
         "train_indices": train_idx,  # tensors: write_json writes them a block at a time
         "val_indices": val_idx,
     }
 
 
 def train_run(
-    config: dict, out=None, *, overwrite: bool = False, progress: bool = False, log=None, tensorboard=None, init=None
+    config: dict | RunConfig, out=None, *, overwrite: bool = False, progress: bool = False, log=None, tensorboard=None,
+    init=None,
 ) -> dict:
     """Load data, split, fit, and write a complete run directory. Returns a summary dict.
 
+    ``config``: a ``RunConfig``, or a dict of its settings by name (those left out, or None, take
+    their defaults).
     ``tensorboard``: ``True`` logs TensorBoard events to the run's ``tensorboard/`` folder, a path
     logs them to ``<path>/<run name>``; ``None``/``False`` (the default) logs nothing.
     ``init``: a run directory or checkpoint whose weights training starts from (its classes and
     input shape must be the data's); the run records it as its ``parent``.
     """
-    config = default_config(**config)
-    cfg = TrainConfig.from_dict(config).check()
-    check_data_config(config)
-    config.update(cfg.to_dict())  # record resolved defaults such as the optimizer's lr
-    # absolute, so that evaluate, predict and report find the data from any folder
-    config["data_dir"] = os.path.abspath(config["data_dir"])
-    if config.get("cache_dir"):
-        config["cache_dir"] = os.path.abspath(config["cache_dir"])
-    if config.get("image_size") is not None:  # as one form, [H, W], whatever form it was given in
-        from .datasets.decode import parse_image_size
-
-        config["image_size"] = list(parse_image_size(config["image_size"]))
-    out = Path(out) if out else default_run_dir("runs", config["dataset"])
+    config = resolve(config if isinstance(config, RunConfig) else RunConfig.from_settings(config))
+    out = Path(out) if out else default_run_dir("runs", config.dataset)
     # under torchrun, every rank trains; rank 0 alone speaks and writes the run directory
-    with session(resolve_device(config["device"])) as (group, device):
+    with session(resolve_device(config.device)) as (group, device):
         if not group.main:
             progress, log, tensorboard = False, quiet, None
-        history, seconds, parent = _train_and_save(config, cfg, out, overwrite, progress, log, tensorboard, group, device, init)
+        history, seconds, parent = _train_and_save(config, out, overwrite, progress, log, tensorboard, group, device, init)
         group.barrier()  # a rank finishes only once the run is saved: a failure there fails them all
     log = log or quiet
 
@@ -183,7 +148,7 @@ def train_run(
     return summary
 
 
-def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboard, group: Group, device,
+def _train_and_save(config: RunConfig, out: Path, overwrite, progress, log, tensorboard, group: Group, device,
                     init=None) -> tuple[list[dict], float, dict | None]:
     """``train_run``'s work, on one rank of ``group``: (history, seconds of training, the parent's record)."""
     log_warnings = log  # skipped files are worth a line even when progress is quiet (None: stderr)
@@ -202,43 +167,43 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
         split = split_for(config, len(data))
         # ranks started with other settings or data would average different gradients
         group.check_same("settings or data", json.dumps({
-            "settings": {k: v for k, v in config.items() if k not in LOCAL_SETTINGS},
+            "settings": {k: v for k, v in config.to_dict().items() if k not in LOCAL_SETTINGS},
             "images": [len(data), list(data.input_shape), data.classes],
         }, sort_keys=True, default=str))
-        preprocessing = preprocessing_for(config["deskew"], decode_record(config["dataset"], data))
+        preprocessing = preprocessing_for(config.deskew, decode_record(config.dataset, data))
         y = data.labels.to(device)
         train_idx = split["train_indices"].to(device)
         val_idx = split["val_indices"].to(device)  # may be empty: --val-fraction 0
-        x_train, x_val = training_inputs(data, train_idx, val_idx, preprocessing, device, config, cfg, log)
+        x_train, x_val = training_inputs(data, train_idx, val_idx, preprocessing, device, config, log)
 
-        cfg.epochs = config["epochs"] = cfg.epochs_for(len(train_idx))  # recorded as trained, not as "default"
-        torch.manual_seed(cfg.seed)
+        config = replace(config, epochs=config.epochs_for(len(train_idx)))  # recorded as trained, not as "default"
+        torch.manual_seed(config.seed)
         model = LogisticRegression(data.input_shape, len(data.classes)).to(device)
         initial = _in_data_order(init, *parent_run[:2], data) if parent_run else None
         validating = f"validating on {len(val_idx)}" if len(val_idx) else "no validation set"
         ranks = f", {group.world_size} processes" if group.active else ""
-        log(f"training on {len(train_idx)} {config['dataset']} images, {validating} ({cfg.describe()}, {cfg.epochs} epochs, "
-            f"{inputs_in_words(config, cfg)}, {device}{ranks})")
+        log(f"training on {len(train_idx)} {config.dataset} images, {validating} ({config.describe()}, {config.epochs} epochs, "
+            f"{inputs_in_words(config)}, {device}{ranks})")
 
         board = None
         if tensorboard:  # inside the staging dir by default, so the events move with the run
             board = TensorBoardLogger(stage / "tensorboard" if tensorboard is True else Path(tensorboard) / out.name)
 
         # a small set's hundreds of short epochs: about 20 lines (L-BFGS may stop early: every line)
-        every = 1 if cfg.optimizer == "lbfgs" else math.ceil(cfg.epochs / 20)
+        every = 1 if config.optimizer == "lbfgs" else math.ceil(config.epochs / 20)
 
         def report(h):
             if board:
                 board.on_epoch(h)
-            if h["epoch"] % every and h["epoch"] != cfg.epochs:
+            if h["epoch"] % every and h["epoch"] != config.epochs:
                 return
             val = f"val loss {h['val_loss']:.4f} acc {h['val_accuracy']:.4f}  " if "val_loss" in h else ""
-            log(f"epoch {h['epoch']:>3}/{cfg.epochs}  train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f}  {val}{h['seconds']:.2f}s")
+            log(f"epoch {h['epoch']:>3}/{config.epochs}  train loss {h['train_loss']:.4f} acc {h['train_accuracy']:.4f}  {val}{h['seconds']:.2f}s")
 
         start = time.perf_counter()
         try:
-            history = fit(model, x_train, y[train_idx], x_val, y[val_idx], cfg, progress=progress, on_epoch=report, group=group,
-                          init=initial)
+            history = fit(model, x_train, y[train_idx], x_val, y[val_idx], config, progress=progress, on_epoch=report,
+                          group=group, init=initial)
         except BaseException:
             if board:
                 board.close()
@@ -247,31 +212,33 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
         lineage = parent_run[2] if parent_run else None
         if not group.main:
             return history, seconds, lineage
-        say_how_it_ended(history, cfg, log)
+        say_how_it_ended(history, config, log)
         if len(val_idx):
-            say_recall_if_imbalanced(model, x_val, y[val_idx], y[train_idx], data.classes, log, cfg.class_weight == "balanced")
-        fitted = calibrate(model, x_train, x_val if len(val_idx) else None, y[val_idx], keep=cfg.keep, temperature=cfg.calibrate)
+            say_recall_if_imbalanced(model, x_val, y[val_idx], y[train_idx], data.classes, log, config.class_weight == "balanced")
+        fitted = calibrate(model, x_train, x_val if len(val_idx) else None, y[val_idx], keep=config.keep,
+                           temperature=config.calibrate)
         log(confidence_line(fitted))
 
         final = history.kept
-        record = dict(config, device_used=str(device), world_size=group.world_size, **_environment())
-        record.update(epochs_trained=len(history), kept_epoch=history.kept_epoch, stopped_early=history.stopped_early,
-                      temperature=model.temperature, novelty_threshold=model.novelty.threshold)
-        if lineage:
-            record["parent"] = lineage
+        record = run_record(
+            config, streamed=isinstance(x_train, StreamedImages), device_used=str(device), world_size=group.world_size,
+            **_environment(), epochs_trained=len(history), kept_epoch=history.kept_epoch,
+            stopped_early=history.stopped_early, temperature=model.temperature, novelty_threshold=model.novelty.threshold,
+            **({"parent": lineage} if lineage else {}),
+        )
         write_json(stage / "config.json", record)
         write_json(stage / "split.json", split)
-        if dataset(config["dataset"]).user_images:
+        if dataset(config.dataset).user_images:
             write_json(stage / SOURCE_FILE, source_record(data, test))
             if data.source["skipped"]:
                 write_json(stage / SKIPPED_FILE, data.source["skipped"])
         write_json(stage / "history.json", history)
         write_csv(stage / "history.csv", history)
         metadata = {
-            "dataset": config["dataset"],
+            "dataset": config.dataset,
             "classes": data.classes,
             "preprocessing": preprocessing,
-            "config": {k: config[k] for k in config if k != "data_dir"},
+            "config": {k: v for k, v in config.to_dict().items() if k != "data_dir"},
             "metrics": {k: final[k] for k in FINAL_METRICS if k in final},
             "epochs": len(history),
             "kept_epoch": history.kept_epoch,
@@ -281,7 +248,7 @@ def _train_and_save(config, cfg, out: Path, overwrite, progress, log, tensorboar
         save_model(stage / CHECKPOINT_NAME, model, metadata)
         from .plots import plot_curves  # matplotlib: only where a figure is drawn
 
-        plot_curves(history, stage / "curves.png", title=f"{config['dataset']} — logistic regression", kept_epoch=history.kept_epoch)
+        plot_curves(history, stage / "curves.png", title=f"{config.dataset} — logistic regression", kept_epoch=history.kept_epoch)
         if board:
             board.finish(model, data.classes, step=len(history))  # closes the event files before the rename
     return history, seconds, lineage
@@ -297,11 +264,11 @@ def _load_parent(init, device) -> tuple:
     return model, meta, weights_record(checkpoint)
 
 
-def _check_same_inputs(init, meta: dict, config: dict) -> None:
+def _check_same_inputs(init, meta: dict, config: RunConfig) -> None:
     """The parent's weights read pixels as its own preprocessing made them: a deskewed model's
     weights on raw pixels (or the other way round) would start from nowhere near a fit."""
     deskewed = bool((meta.get("preprocessing") or {}).get("deskew"))
-    if deskewed != bool(config.get("deskew")):
+    if deskewed != config.deskew:
         raise UsageError(f"--init {init}: its model was trained {'with' if deskewed else 'without'} --deskew; "
                          "train this run the same way")
 
@@ -325,12 +292,12 @@ def _in_data_order(init, parent: LogisticRegression, meta: dict, data: ImageSet)
     return start
 
 
-def inputs_in_words(config: dict, cfg: TrainConfig) -> str:
+def inputs_in_words(config: RunConfig) -> str:
     """What is done to the images and their losses before fitting, for the start line."""
-    words = ["deskewed" if config.get("deskew") else "pixels / 255"]
-    if config.get("image_size"):
-        words.append("decoded at " + "x".join(map(str, config["image_size"])))
-    if cfg.class_weight == "balanced":
+    words = ["deskewed" if config.deskew else "pixels / 255"]
+    if config.image_size:
+        words.append("decoded at " + "x".join(map(str, config.image_size)))
+    if config.class_weight == "balanced":
         words.append("balanced class weights")
     return ", ".join(words)
 
@@ -343,11 +310,11 @@ def confidence_line(fitted: dict) -> str:
             "(--keep; --no-calibrate)")
 
 
-def say_how_it_ended(history, cfg: TrainConfig, log) -> None:
+def say_how_it_ended(history, config: RunConfig, log) -> None:
     """A line when training stopped before its planned epochs, and one when it kept an earlier epoch."""
     if history.stopped_early:
-        log(f"stopped after epoch {len(history)} of {cfg.epochs}: the validation loss has not improved "
-            f"for {cfg.patience_for(cfg.epochs)} epochs (--patience)")
+        log(f"stopped after epoch {len(history)} of {config.epochs}: the validation loss has not improved "
+            f"for {config.patience_for(config.epochs)} epochs (--patience)")
     if history.kept_epoch and history.kept_epoch != len(history):
         kept = history.kept
         log(f"kept the weights of epoch {kept['epoch']}, of least validation loss ({kept['val_loss']:.4f}, "
@@ -374,23 +341,28 @@ def say_recall_if_imbalanced(model, x_val, y_val, y_train, classes: list[str], l
         + (f" (the {shown} lowest of {len(recall)})" if len(recall) > shown else ""))
 
 
-def training_inputs(data: ImageSet, train_idx, val_idx, preprocessing, device, config: dict, cfg: TrainConfig, log=None):
+def training_inputs(data: ImageSet, train_idx, val_idx, preprocessing, device, config: RunConfig, log=None):
     """The training and validation inputs: float tensors in memory, or, when their float form
-    exceeds ``config["max_memory"]``, ``StreamedImages`` that read each batch from the uint8 file
-    (and ``log`` says so). Sets ``config["streamed"]``."""
+    exceeds ``config.max_memory`` (bytes), ``StreamedImages`` that read each batch from the uint8
+    file (and ``log`` says so)."""
     need = float_bytes(len(train_idx) + len(val_idx), data.images)
-    config["streamed"] = need > config["max_memory"]
-    if not config["streamed"]:
+    if need <= config.max_memory:
         x = prepare_inputs(data.images, preprocessing, device)
         return x[train_idx], x[val_idx]
-    if cfg.optimizer == "lbfgs":
+    if config.optimizer == "lbfgs":
         raise UsageError(
             f"L-BFGS takes full-batch steps over the training set in memory, and its inputs take {human_bytes(need)}, "
-            f"more than --max-memory {human_bytes(config['max_memory'])}; raise --max-memory or use --optimizer adam or sgd"
+            f"more than --max-memory {human_bytes(config.max_memory)}; raise --max-memory or use --optimizer adam or sgd"
         )
-    (log or quiet)(f"streaming batches from disk: {human_bytes(need)} of inputs exceed --max-memory {human_bytes(config['max_memory'])}")
+    (log or quiet)(f"streaming batches from disk: {human_bytes(need)} of inputs exceed --max-memory {human_bytes(config.max_memory)}")
     return (StreamedImages(data.images, train_idx, preprocessing, device, data.file),
             StreamedImages(data.images, val_idx, preprocessing, device, data.file))
+
+
+def run_record(config: RunConfig, **records) -> dict:
+    """A run's ``config.json``: its settings, then what the run itself records (the device it used,
+    the epochs it trained, its temperature, ...). ``RunConfig.from_dict`` reads the settings back."""
+    return dict(config.to_dict(), **records)
 
 
 def _environment() -> dict:
@@ -407,6 +379,18 @@ def run_config(checkpoint: Path) -> dict:
     """The ``config.json`` of the run a checkpoint belongs to; empty for a checkpoint on its own."""
     config_file = Path(checkpoint).parent / "config.json"
     return read_json(config_file) if config_file.is_file() else {}
+
+
+def run_settings(checkpoint: Path) -> RunConfig | None:
+    """The settings the run a checkpoint belongs to was trained with (None: a checkpoint on its own).
+    Its config.json's other keys, the run's records or an older version's settings, are left out."""
+    config = run_config(checkpoint)
+    if not config:
+        return None
+    try:
+        return RunConfig.from_dict(config)
+    except (UsageError, AttributeError) as exc:  # AttributeError: a config.json that holds no object
+        raise CheckpointError(f"{Path(checkpoint).parent / 'config.json'}: {exc}") from None
 
 
 def data_dir_for(checkpoint: Path, data_dir=None) -> str:
@@ -504,9 +488,9 @@ def _recorded_split(meta: dict, split: str, data_dir, checkpoint: Path) -> Image
     """A folder's or CSV's split as the run trained and held it out, decoded as the run decoded it."""
     from .datasets import folder
 
-    config = run_config(checkpoint)
+    config = run_settings(checkpoint)
     if config:
-        options = dataset_options(config)
+        options = config.dataset_options()
     else:  # a checkpoint on its own: its recorded decode, the default test split with its seed
         decode = (meta.get("preprocessing") or {}).get("image_files") or {}
         options = {k: decode.get(k) for k in ("image_size", "resize", "color")}

@@ -42,18 +42,26 @@ def run_dirs(root: Path):
                 yield here / d
 
 
+def kept_record(history: list[dict], config: dict) -> dict:
+    """The epoch record of the weights a run holds: its ``kept_epoch`` (--keep-best), else the last one."""
+    kept = config.get("kept_epoch")
+    if isinstance(kept, int) and 0 < kept <= len(history):
+        return history[kept - 1]
+    return history[-1] if history else {}
+
+
 def describe(run_dir: Path, root: Path) -> dict:
-    """One run's row: its settings, final validation metrics and total training time."""
+    """One run's row: its settings, the validation metrics of the weights it holds and total training time."""
     config = read_json(run_dir / "config.json")
     history = read_json(run_dir / "history.json")
-    final = history[-1] if history else {}
+    final = kept_record(history, config)
     name = run_dir.relative_to(root).as_posix() if run_dir != root else run_dir.name
     return {
         "name": name,
         "dataset": config.get("dataset"),
         "optimizer": config.get("optimizer"),
         "lr": config.get("lr"),
-        "batch_size": config.get("batch_size"),
+        "batch_size": None if config.get("optimizer") == "lbfgs" else config.get("batch_size"),  # L-BFGS: full batch
         "train_subset": "all" if config.get("train_subset") is None else str(config["train_subset"]),
         "epochs": len(history),
         "val_accuracy": final.get("val_accuracy"),

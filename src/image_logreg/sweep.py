@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import DataError, ImageLogregError, UsageError
 from .files import read_json, write_csv, write_json, write_text
+from .settings import RunConfig, TrainConfig, check_settings, flag
 
 # The settings a sweep can vary, in the order they appear in run-directory names.
 SWEEP_SETTINGS = ("lr", "batch_size", "val_fraction", "train_subset", "optimizer", "weight_decay")
@@ -27,6 +29,7 @@ SHORT = {"lr": "lr", "batch_size": "batch", "val_fraction": "val", "train_subset
 # Settings besides the grid that decide what a run directory holds (with all of TrainConfig's):
 # a resumed run must agree on them.
 SAME_RUN = ("dataset", "val_fraction", "train_subset", "deskew", "image_size", "resize", "color", "test_fraction")
+TRAINING = tuple(f.name for f in fields(TrainConfig))
 ALL = "all"
 
 
@@ -35,19 +38,14 @@ ALL = "all"
 
 def parse_values(name: str, text: str | None) -> list:
     """``"0.001,0.01"`` to ``[0.001, 0.01]`` for setting ``name``; ``None`` means its default only."""
-    from .run import default_config
-    from .settings import OPTIMIZERS
-
-    flag = "--" + name.replace("_", "-")
+    option = flag(name)
     if text is None:
-        return [default_config()[name]]
+        return [getattr(RunConfig(), name)]
     values = []
     for item in (s.strip() for s in str(text).split(",")):
         if not item:
-            raise UsageError(f"{flag} {text!r} has an empty value; give comma-separated values like 0.001,0.01")
+            raise UsageError(f"{option} {text!r} has an empty value; give comma-separated values like 0.001,0.01")
         if name == "optimizer":
-            if item.lower() not in OPTIMIZERS:
-                raise UsageError(f"{flag}: unknown optimizer {item!r}; choose from {', '.join(OPTIMIZERS)}")
             value = item.lower()
         elif name == "train_subset" and item.lower() == ALL:
             value = None
@@ -56,12 +54,13 @@ def parse_values(name: str, text: str | None) -> list:
                 value = int(item)
             except ValueError:
                 alternative = " or 'all'" if name == "train_subset" else ""
-                raise UsageError(f"{flag}: {item!r} is not a whole number{alternative}") from None
+                raise UsageError(f"{option}: {item!r} is not a whole number{alternative}") from None
         else:
             try:
                 value = float(item)
             except ValueError:
-                raise UsageError(f"{flag}: {item!r} is not a number") from None
+                raise UsageError(f"{option}: {item!r} is not a number") from None
+        check_settings({name: value})
         if value not in values:
             values.append(value)
     return values
@@ -81,13 +80,8 @@ def expand(grid: dict[str, list]) -> list[dict]:
     A learning rate left to its default becomes the optimizer's default, so that names and
     results always show the rate that was used.
     """
-    from .train import TrainConfig
-
-    configs = [dict(zip(SWEEP_SETTINGS, combo)) for combo in itertools.product(*(grid[n] for n in SWEEP_SETTINGS))]
-    for settings in configs:
-        if settings["lr"] is None:
-            settings["lr"] = TrainConfig(optimizer=settings["optimizer"]).check().lr
-    return configs
+    combos = [dict(zip(SWEEP_SETTINGS, combo)) for combo in itertools.product(*(grid[n] for n in SWEEP_SETTINGS))]
+    return [dict(c, lr=TrainConfig(optimizer=c["optimizer"], lr=c["lr"]).resolved().lr) for c in combos]
 
 
 def seconds_in_words(seconds: float) -> str:
@@ -114,26 +108,16 @@ def label(settings: dict, names) -> str:
     return ", ".join(parts) or "defaults"
 
 
-def check_config(config: dict) -> None:
-    """Reject flag values that no dataset could make work, before anything is trained.
+def checked_run(settings: dict) -> RunConfig:
+    """One configuration's run settings, refused before anything is trained if no run could use them,
+    and resolved as a run records them (the image size as [H, W]), so resumed runs compare alike."""
+    from .run import resolve
 
-    Also brings ``image_size`` to the form a run records ([H, W]), so resumed runs compare alike.
-    """
-    from .run import check_data_config
-    from .datasets.decode import parse_image_size
-    from .train import TrainConfig
-
-    TrainConfig.from_dict(config).check()
-    if config.get("image_size") is not None:
-        config["image_size"] = list(parse_image_size(config["image_size"]))
-    if config["val_fraction"] == 0:  # the whole sweep is a comparison on the validation set
+    config = RunConfig.from_settings(settings)
+    if config.val_fraction == 0:  # the whole sweep is a comparison on the validation set
         raise UsageError("a sweep compares configurations by validation accuracy, so --val-fraction must be above 0; "
                          "train the chosen settings on all the data with `train --val-fraction 0`")
-    if not 0.0 < config["val_fraction"] < 1.0:
-        raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {config['val_fraction']}")
-    if config["train_subset"] is not None and config["train_subset"] < 1:
-        raise UsageError(f"--train-subset must be at least 1 or 'all', got {config['train_subset']}")
-    check_data_config(config)  # options the dataset has no use for, --deskew on colour
+    return resolve(config)
 
 
 # --- running it -------------------------------------------------------------------------------
@@ -144,9 +128,11 @@ def is_complete(run_dir: Path) -> bool:
 
 
 def read_result(run_dir: Path) -> dict:
-    """The final metrics of a complete run directory, as a sweep row reports them."""
+    """The metrics of a complete run directory's weights, as a sweep row reports them."""
+    from .runs import kept_record
+
     history = read_json(run_dir / "history.json")
-    final = history[-1]
+    final = kept_record(history, read_json(run_dir / "config.json"))  # the weights the run holds, not its last epoch
     split_file = run_dir / "split.json"
     n_train = len(read_json(split_file)["train_indices"]) if split_file.is_file() else None
     return {
@@ -167,20 +153,17 @@ def _check_resumable(sweep_dir: Path, overwrite: bool) -> None:
         raise UsageError(f"{sweep_dir} exists and does not hold a sweep; choose another --out")
 
 
-def _check_same_run(run_dir: Path, config: dict) -> None:
+def _check_same_run(run_dir: Path, config: RunConfig) -> None:
     """A run directory to be reused must have been trained with the settings asked for now."""
     try:
         recorded = read_json(run_dir / "config.json")
     except (OSError, ValueError):
         return  # read_result decides what an unreadable run means
-    from dataclasses import fields
-
-    from .train import TrainConfig
-
-    for key in SAME_RUN + tuple(f.name for f in fields(TrainConfig)):
-        if key in recorded and config.get(key) is not None and recorded[key] != config[key]:
+    for key in SAME_RUN + TRAINING:
+        asked = getattr(config, key)
+        if key in recorded and asked is not None and recorded[key] != asked:
             raise UsageError(
-                f"{run_dir} was trained with {key}={recorded[key]}, but this sweep asks for {config[key]}; "
+                f"{run_dir} was trained with {key}={recorded[key]}, but this sweep asks for {asked}; "
                 "pass --overwrite to retrain, or choose another --out"
             )
 
@@ -196,19 +179,18 @@ def run_sweep(
 ) -> dict:
     """Train every configuration of ``grid`` (missing ones only, unless ``overwrite``).
 
-    ``fixed`` holds the settings shared by all runs (dataset, data_dir, epochs, seed, ...).
+    ``fixed`` holds the settings shared by all runs (dataset, data_dir, epochs, seed, ...: any of
+    ``RunConfig``'s but the grid's; those left out take their defaults).
     Returns ``{"sweep_dir", "configs": [rows], "best", "trained", "skipped", "failed"}``.
     """
-    from .run import default_config, train_run
+    from .run import train_run
 
     log = log or (lambda msg: None)
     sweep_dir = Path(sweep_dir)
     configs = expand(grid)
     if set(fixed) & set(SWEEP_SETTINGS):
         raise UsageError(f"fixed settings overlap the grid: {', '.join(sorted(set(fixed) & set(SWEEP_SETTINGS)))}")
-    full = [default_config(**fixed, **settings) for settings in configs]
-    for config in full:
-        check_config(config)
+    full = [checked_run({**fixed, **settings}) for settings in configs]
     _check_resumable(sweep_dir, overwrite)
     varied = [n for n in SWEEP_SETTINGS if len(grid[n]) > 1]
     if not overwrite:
@@ -287,14 +269,14 @@ def _best(rows: list[dict], configs: list[dict]):
 def evaluate_best(best: dict, fixed: dict, log) -> dict:
     """The chosen run's test-set loss and accuracy: the one time the sweep looks at the test set."""
     from .checkpoint import load_model, resolve_checkpoint
-    from .run import default_config, eval_data, evaluate_model
+    from .run import eval_data, evaluate_model
     from .train import resolve_device
 
-    config = default_config(**fixed)
-    device = resolve_device(config["device"])
+    config = RunConfig.from_settings(fixed)
+    device = resolve_device(config.device)
     checkpoint = resolve_checkpoint(best["run_dir"])
     model, meta = load_model(checkpoint, device=device)
-    data = eval_data(meta, "test", config["data_dir"], checkpoint, download=config["download"])
+    data = eval_data(meta, "test", config.data_dir, checkpoint, download=config.download)
     result = evaluate_model(model, meta, data, device)
     log(f"best by validation accuracy: {best['run_dir']}: val {best['val_accuracy']:.4f}, test {result['accuracy']:.4f}")
     return dict(best, test_accuracy=result["accuracy"], test_loss=result["loss"], n_test=result["n"], selected_by="val_accuracy")
@@ -306,11 +288,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _title(fixed: dict) -> str:
-    from .run import default_config
-
-    c = default_config(**fixed)
-    epochs = "default epochs" if c["epochs"] is None else f"{c['epochs']} epoch{'s' if c['epochs'] != 1 else ''}"
-    return f"{c['dataset']} sweep, {epochs}, seed {c['seed']}"
+    c = RunConfig.from_settings(fixed)
+    epochs = "default epochs" if c.epochs is None else f"{c.epochs} epoch{'s' if c.epochs != 1 else ''}"
+    return f"{c.dataset} sweep, {epochs}, seed {c.seed}"
 
 
 # --- reports ----------------------------------------------------------------------------------

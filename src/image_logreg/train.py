@@ -73,6 +73,7 @@ def fit(
 ) -> "History":
     """Train ``model`` in place; return one record per epoch (a ``History``: a list that also
     says which epoch's weights the model ends with, and whether training stopped early).
+    ``cfg``: how, a ``TrainConfig`` (a run's ``RunConfig`` is one too; None: the defaults).
 
     Each record holds ``train_loss``/``train_accuracy`` (averaged over the epoch's batches as
     they were trained, like the tutorial's running loss), ``val_loss``/``val_accuracy`` (the
@@ -98,7 +99,7 @@ def fit(
     ``init``: a model of the same classes and input shape whose weights ``model`` starts from
     (continued training) instead of its own.
     """
-    cfg = (cfg or TrainConfig()).check()
+    cfg = (cfg or TrainConfig()).resolved()
     if init is not None:
         start_from(model, init)
     device = model.device

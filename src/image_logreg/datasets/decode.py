@@ -23,10 +23,7 @@ from PIL import Image, ImageOps
 
 from ..errors import UsageError
 from ..images import OpenedImage, Unusable, flatten, open_image, open_image_unnamed, quiet_pillow
-from ..settings import MAX_PIXELS
-
-RESIZE_MODES = ("fit", "stretch", "crop")
-COLORS = ("gray", "rgb")
+from ..settings import COLORS, MAX_PIXELS, RESIZE_MODES
 # torchvision's Resize default: antialiased bilinear.
 RESAMPLE = Image.Resampling.BILINEAR
 # Below this many files a pool's start-up costs more than it saves.
