@@ -151,6 +151,27 @@ def test_parsing_and_names():
     assert parse_values("optimizer", "SGD,adam") == ["sgd", "adam"]
     with pytest.raises(UsageError):
         parse_values("weight_decay", "0,x")
+    with pytest.raises(UsageError, match="'all' is not a number"):  # "all" means the whole set, for a subset only
+        parse_values("lr", "all")
+
+
+def test_every_grid_setting_reads_its_values_as_its_constraint_row_says():
+    """A whole-number setting takes "2", a number "2" as 2.0, a choice any case: from the table, not a list here."""
+    from image_logreg.settings import CONSTRAINTS, Interval, Options
+    from image_logreg.sweep import SWEEP_SETTINGS
+
+    for name in SWEEP_SETTINGS:
+        row = CONSTRAINTS[name]
+        if any(isinstance(rule, Options) for rule in row):
+            choice = next(rule for rule in row if isinstance(rule, Options)).choices[0]
+            assert parse_values(name, choice.upper()) == [choice]
+        elif any(isinstance(rule, Interval) and rule.kind is int for rule in row):
+            assert parse_values(name, "2") == [2] and isinstance(parse_values(name, "2")[0], int)
+        else:
+            assert parse_values(name, "0.5") == [0.5] and isinstance(parse_values(name, "0.5")[0], float)
+
+
+def test_run_names():
     grid = grid_from_flags({"lr": "0.1,1e-05", "train_subset": "all"})
     names = [run_name(s) for s in expand(grid)]
     assert names == [

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import DataError, ImageLogregError, UsageError
 from .files import read_json, write_csv, write_json, write_text
-from .settings import RunConfig, TrainConfig, check_settings, flag
+from .settings import CONSTRAINTS, Interval, Options, RunConfig, TrainConfig, check_settings, flag
 
 # The settings a sweep can vary, in the order they appear in run-directory names.
 SWEEP_SETTINGS = ("lr", "batch_size", "val_fraction", "train_subset", "optimizer", "weight_decay")
@@ -37,33 +37,34 @@ ALL = "all"
 
 
 def parse_values(name: str, text: str | None) -> list:
-    """``"0.001,0.01"`` to ``[0.001, 0.01]`` for setting ``name``; ``None`` means its default only."""
-    option = flag(name)
+    """``"0.001,0.01"`` to ``[0.001, 0.01]`` for setting ``name``, each value read as its row of
+    ``CONSTRAINTS`` says (a choice, a whole number, a number); ``None`` means its default only."""
     if text is None:
         return [getattr(RunConfig(), name)]
     values = []
     for item in (s.strip() for s in str(text).split(",")):
         if not item:
-            raise UsageError(f"{option} {text!r} has an empty value; give comma-separated values like 0.001,0.01")
-        if name == "optimizer":
-            value = item.lower()
-        elif name == "train_subset" and item.lower() == ALL:
-            value = None
-        elif name in ("batch_size", "train_subset"):
-            try:
-                value = int(item)
-            except ValueError:
-                alternative = " or 'all'" if name == "train_subset" else ""
-                raise UsageError(f"{option}: {item!r} is not a whole number{alternative}") from None
-        else:
-            try:
-                value = float(item)
-            except ValueError:
-                raise UsageError(f"{option}: {item!r} is not a number") from None
+            raise UsageError(f"{flag(name)} {text!r} has an empty value; give comma-separated values like 0.001,0.01")
+        value = _read_value(name, item)
         check_settings({name: value})
         if value not in values:
             values.append(value)
     return values
+
+
+def _read_value(name: str, item: str):
+    """One value of a sweep flag, in the type its constraint row takes."""
+    row = CONSTRAINTS[name]
+    if any(isinstance(rule, Options) for rule in row):
+        return item.lower()
+    if name == "train_subset" and item.lower() == ALL:  # no subset: all of the training split
+        return None
+    whole = any(isinstance(rule, Interval) and rule.kind is int for rule in row)
+    try:
+        return int(item) if whole else float(item)
+    except ValueError:
+        alternative = f" or {ALL!r}" if name == "train_subset" else ""
+        raise UsageError(f"{flag(name)}: {item!r} is not {'a whole number' if whole else 'a number'}{alternative}") from None
 
 
 def grid_from_flags(flags: dict) -> dict[str, list]:
