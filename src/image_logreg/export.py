@@ -112,10 +112,9 @@ def export_model(
         raise UsageError(f"unknown export format {format!r}; choose from {', '.join(FORMATS)}")
     # A copy, so exporting never moves or alters the caller's model; frozen, so a loaded
     # TorchScript module returns plain tensors, as an inference file should.
-    if image_input:
-        check_image_input(model, meta)
     copied = copy.deepcopy(model).cpu()
     if image_input:
+        check_image_input(model, meta)
         wrapper = ImageInputModel(copied, meta.get("preprocessing"))
         # Not the model's own size, so no shape in the trace can pass for a constant of it.
         example = torch.zeros((2, 3 * model.input_shape[0] + 1, 2 * model.input_shape[1] + 3), dtype=torch.uint8)

@@ -37,8 +37,8 @@ DEFAULT_LR = {"adam": 0.02, "sgd": 0.1, "lbfgs": 1.0}  # each tuned on MNIST and
 SCHEDULES = ("constant", "cosine")
 CLASS_WEIGHTS = ("none", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
-# How a folder's or CSV's images are brought to one size and colour: datasets.decode's own names,
-# here too because decode imports numpy and Pillow (a test keeps the two in step).
+# How a folder's or CSV's images are brought to one size and colour (datasets.decode reads them
+# from here: it imports numpy and Pillow, which --help must not).
 RESIZE_MODES = ("fit", "stretch", "crop")
 COLORS = ("gray", "rgb")
 # The defaults were tuned on MNIST and Fashion-MNIST: 3 epochs of 48,000 images in batches of 128

@@ -15,8 +15,6 @@ import torch
 
 from ..errors import DataError, UsageError
 
-SPLITS = ("train", "test")
-
 
 @dataclass
 class ImageSet:
