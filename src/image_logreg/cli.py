@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .console import say
+from .curves import start as start_drawing
 from .distributed import DistributedError, env_rank, env_world_size
 from .errors import ImageLogregError, UsageError
 from .settings import CONSTRAINTS, Interval, RunConfig, check_settings
@@ -90,6 +91,8 @@ def cmd_train(args) -> int:
         if args.out:  # one line now, rather than rank 0's refusal and the others' lost contact
             refuse_existing(args.out, args.overwrite, "--out directory")
         return launch(args.nproc, args.argv)
+    if env_rank() == 0:
+        start_drawing()  # matplotlib loads in another process while this one imports torch and trains
     from .run import train_run
 
     if env_rank() != 0:  # the other ranks train in silence: rank 0 logs and prints the results
@@ -336,6 +339,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    start_drawing()
     from .settings import preset
     from .sweep import SWEEP_SETTINGS, grid_from_flags, print_summary, run_sweep
 
@@ -420,6 +424,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_learn(args) -> int:
+    start_drawing()
     from .learn import learn_run
 
     summary = learn_run(

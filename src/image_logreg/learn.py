@@ -335,6 +335,7 @@ def learn_run(run, folder, out, *, replay: float = REPLAY_SHARE, held_out: float
 def _learn_and_write(model, meta: dict, checkpoint: Path, data: dict, earlier: Learnt, new: Learnt, counts: dict,
                      settings: dict, out: Path, overwrite: bool, data_dir) -> dict:
     """``learn_run``'s work once everything is read: learn, measure, calibrate, write the run."""
+    from .curves import drawing
     from .files import staged_dir
 
     device, replay = model.device, settings["replay"]
@@ -353,8 +354,11 @@ def _learn_and_write(model, meta: dict, checkpoint: Path, data: dict, earlier: L
     def on_round(record):
         history.append(dict(epoch=len(history) + 1, **checks.history_figures(x_new, y_new), lr=1.0, **record))
 
-    with staged_dir(out, overwrite) as stage:
+    with staged_dir(out, overwrite) as stage, drawing() as draw:
         rounds = replay_fit(model, x_new, y_new, torch.cat([x_old, x_earlier]), replay=replay, on_round=on_round)
+        # drawn beside the checks and files that follow (by a helper process, where there is one)
+        draw(history, stage / "curves.png", title=f"{meta['dataset']} — learning {counts['learnt']} new images "
+             "(training) while keeping the parent's validation split")
         learnt = earlier + new
         held = learnt.held_out
         fitted = _recalibrate(model, meta, x_old, inputs(learnt.images[~held]),
@@ -504,7 +508,6 @@ def _write_run(stage: Path, model, meta: dict, checkpoint: Path, data_dir, histo
 
     from .checkpoint import CHECKPOINT_NAME, save_model
     from .files import write_csv, write_json
-    from .plots import plot_curves
     from .run import FINAL_METRICS, SKIPPED_FILE, SOURCE_FILE, _environment, data_source_for, run_record, run_settings
 
     parent_dir = checkpoint.parent
@@ -539,5 +542,3 @@ def _write_run(stage: Path, model, meta: dict, checkpoint: Path, data_dir, histo
         "parent": summary["parent"],
     }
     save_model(stage / CHECKPOINT_NAME, model, metadata)
-    plot_curves(history, stage / "curves.png", title=f"{meta['dataset']} — learning {summary['images']['learnt']} new images "
-                "(training) while keeping the parent's validation split")

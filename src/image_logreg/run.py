@@ -30,6 +30,7 @@ from .distributed import Group, session
 from .errors import CheckpointError, DataError, UsageError
 from .files import default_run_dir, read_json, staged_dir, write_csv, write_json
 from .confidence import calibrate
+from .curves import drawing
 from .metrics import confusion_matrix, expected_calibration_error, logits_of, per_class_scores, scores_of_logits
 from .model import LogisticRegression
 from .settings import RunConfig, default_data_dir
@@ -159,7 +160,8 @@ def _train_and_save(config: RunConfig, out: Path, overwrite, progress, log, tens
         require()  # a missing package fails before any work
 
     # refuses an existing --out before any work; the other ranks write nothing
-    with staged_dir(out, overwrite) if group.main else contextlib.nullcontext() as stage:
+    with (staged_dir(out, overwrite) if group.main else contextlib.nullcontext()) as stage, \
+            (drawing() if group.main else contextlib.nullcontext()) as draw_curves:
         parent_run = _load_parent(init, device) if init else None  # a bad --init fails before the data is read
         if parent_run:
             _check_same_inputs(init, parent_run[1], config)
@@ -212,6 +214,8 @@ def _train_and_save(config: RunConfig, out: Path, overwrite, progress, log, tens
         lineage = parent_run[2] if parent_run else None
         if not group.main:
             return history, seconds, lineage
+        # drawn beside what follows (by a helper process, where there is one); on disk before the stage is renamed
+        draw_curves(history, stage / "curves.png", title=f"{config.dataset} — logistic regression", kept_epoch=history.kept_epoch)
         say_how_it_ended(history, config, log)
         if len(val_idx):
             say_recall_if_imbalanced(model, x_val, y[val_idx], y[train_idx], data.classes, log, config.class_weight == "balanced")
@@ -246,9 +250,6 @@ def _train_and_save(config: RunConfig, out: Path, overwrite, progress, log, tens
             **({"parent": lineage} if lineage else {}),
         }
         save_model(stage / CHECKPOINT_NAME, model, metadata)
-        from .plots import plot_curves  # matplotlib: only where a figure is drawn
-
-        plot_curves(history, stage / "curves.png", title=f"{config.dataset} — logistic regression", kept_epoch=history.kept_epoch)
         if board:
             board.finish(model, data.classes, step=len(history))  # closes the event files before the rename
     return history, seconds, lineage
