@@ -119,7 +119,7 @@ class Novelty:
         raw = novelty._raw(x_val, val_logits)
         novelty.scales = {name: _median_and_quantile(raw[:, k], cls.LEAST_SPREAD.get(name, 1e-12))
                           for k, name in enumerate(cls.SCORES)}
-        novelty.threshold = torch.quantile(novelty.score(x_val, val_logits).double(), keep).item()
+        novelty.threshold = torch.quantile(novelty._combined(raw).double(), keep).item()
         return novelty
 
     def _raw(self, x: torch.Tensor, logits: torch.Tensor) -> np.ndarray:
@@ -192,8 +192,12 @@ class Novelty:
         if len(x) == 1 and x.dtype == torch.float32 and logits.dtype == torch.float32:
             row, z = x.detach().cpu().reshape(-1).numpy(), logits.detach().cpu().reshape(-1).numpy()
             return torch.from_numpy(np.array([self._score_one(row, z)], dtype=np.float32))
+        return self._combined(self._raw(x, logits))
+
+    def _combined(self, raw: np.ndarray) -> torch.Tensor:
+        """``score`` from the raw scores (N x 5)."""
         median, spread = self._units()
-        scaled = (self._raw(x, logits) - median) / spread
+        scaled = (raw - median) / spread
         combined = scaled.max(1) if self.combine == "max" else np.maximum(scaled, self.FLOOR).sum(1)
         return torch.from_numpy(combined.astype(np.float32))
 
