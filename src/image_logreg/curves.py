@@ -169,3 +169,6 @@ def serve(requests=None, answers=None) -> None:
 
 if __name__ == "__main__":
     serve()
+    # every answer is flushed and every figure renamed into place: tearing down matplotlib's
+    # modules would only keep the command waiting (0.2-0.3 s) for a process with nothing left to do
+    os._exit(0)
