@@ -244,6 +244,19 @@ def test_module_entry_point_has_no_traceback(tmp_path):
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
+def test_the_program_returns_main_s_status_and_skips_the_last_collections(monkeypatch):
+    import gc
+
+    from image_logreg import cli
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    try:
+        assert cli.command() == 3
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # this test process goes on
+
+
 def test_predict_csv_and_preprocessed_images(capsys, toy_data, tmp_path):
     import csv
 
