@@ -33,8 +33,10 @@ def test_compare_quick_writes_the_results_table(real_data, tmp_path):
     assert results["epoch_speed"]["ratio"] > 1  # even on subsets, image-logreg's epoch is the faster one
     assert 0.5 < results["datasets"]["mnist"]["image_logreg"]["test_accuracy"] <= 1
     assert results["datasets"]["mnist"]["sklearn"]["test_accuracy"] > 0.5
-    fresh = results["fresh_process"]  # a whole process costs more than importing torch, and its fit more than its epochs
-    assert fresh["wall_seconds"] > fresh["import_torch_seconds"] > 0 and fresh["train_seconds"] >= fresh["epochs_seconds"] > 0
+    # a whole process costs more than importing torch and ending as it does, and its fit more than its epochs
+    fresh = results["fresh_process"]
+    assert fresh["wall_seconds"] > fresh["import_torch_frozen_seconds"] > 0 and fresh["import_torch_seconds"] > 0
+    assert fresh["train_seconds"] >= fresh["epochs_seconds"] > 0
 
 
 def test_startup_measures_every_command(real_data, mnist_run, tmp_path):
