@@ -61,23 +61,30 @@ def load(dataset: str, data_dir, quick: bool):
     return (train.images, train.labels, test.images, test.labels), seconds
 
 
-def image_logreg_fit(data, cfg: TrainConfig, deskew: bool = False) -> dict:
-    """Train as ``image-logreg train`` does (seeded 20% validation split) and score on test."""
+SHORT_FIT = 2.0  # seconds: a fit this short is a snapshot of a noisy machine, so it is timed again
+
+
+def image_logreg_fit(data, cfg: TrainConfig, deskew: bool = False, repeats: int = 1) -> dict:
+    """Train as ``image-logreg train`` does (seeded 20% validation split) and score on test; a
+    fit shorter than ``SHORT_FIT`` is timed ``repeats`` times (the same seeded fit: median taken)."""
     images, labels, test_images, test_labels = data
     start = time.perf_counter()
     preprocessing = preprocessing_for(deskew)
     x, xt = prepare_inputs(images, preprocessing), prepare_inputs(test_images, preprocessing)
     prep_seconds = time.perf_counter() - start
     train_idx, val_idx = split_indices(len(x), 0.2, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = LogisticRegression(tuple(images.shape[1:]), 10)
     # the split is data preparation, as scikit-learn's x is: outside the timed fit
     x_train, y_train, x_val, y_val = x[train_idx], labels[train_idx], x[val_idx], labels[val_idx]
-    start = time.perf_counter()
-    history = fit(model, x_train, y_train, x_val, y_val, cfg)
-    fit_seconds = time.perf_counter() - start
+    times = []
+    while not times or (len(times) < repeats and max(times) < SHORT_FIT):
+        torch.manual_seed(cfg.seed)
+        model = LogisticRegression(tuple(images.shape[1:]), 10)
+        start = time.perf_counter()
+        history = fit(model, x_train, y_train, x_val, y_val, cfg)
+        times.append(time.perf_counter() - start)
     return {
-        "fit_seconds": fit_seconds,
+        "fit_seconds": statistics.median(times),
+        "fits_timed": len(times),
         "prep_seconds": prep_seconds,
         "epochs": len(history),
         "val_accuracy": history[-1]["val_accuracy"],
@@ -176,9 +183,9 @@ def run(data_dir, quick: bool, repeats: int, process_repeats: int) -> dict:
         data, load_seconds = load(dataset, data_dir, quick)
         row = {"load_seconds": load_seconds}
         log(f"{dataset}: image-logreg defaults ...")
-        row["image_logreg"] = image_logreg_fit(data, TrainConfig())
+        row["image_logreg"] = image_logreg_fit(data, TrainConfig(), repeats=repeats)
         log(f"{dataset}: image-logreg --deskew ...")
-        row["image_logreg_deskew"] = image_logreg_fit(data, TrainConfig(), deskew=True)
+        row["image_logreg_deskew"] = image_logreg_fit(data, TrainConfig(), deskew=True, repeats=repeats)
         log(f"{dataset}: image-logreg --optimizer lbfgs --weight-decay 1e-4 ...")
         row["image_logreg_lbfgs"] = image_logreg_fit(data, TrainConfig(optimizer="lbfgs", epochs=40, weight_decay=1e-4))
         log(f"{dataset}: tutorial settings, {tutorial.epochs} epochs ...")
@@ -215,7 +222,8 @@ def render(results: dict) -> str:
         f"| MNIST, fit to >= {TARGET} test accuracy | scikit-learn `LogisticRegression()` | image-logreg defaults | ratio |",
         "|---|---:|---:|---:|",
         f"| fit time | {sk['fit_seconds']:.2f} s ({sk['iterations']} L-BFGS iterations) | "
-        f"{ours['fit_seconds']:.2f} s ({ours['epochs']} epochs) | **{results['fit_ratio_vs_sklearn']:.1f}x** |",
+        f"{ours['fit_seconds']:.2f} s ({ours['epochs']} epochs; median of {ours['fits_timed']} fits) | "
+        f"**{results['fit_ratio_vs_sklearn']:.1f}x** |",
         f"| test accuracy | {sk['test_accuracy']:.4f} | {ours['test_accuracy']:.4f} | |",
         f"| data loading (not in fit time) | {mnist['load_seconds'] + sk['prep_seconds']:.2f} s | "
         f"{mnist['load_seconds'] + ours['prep_seconds']:.2f} s | |",
