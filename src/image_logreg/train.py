@@ -137,12 +137,12 @@ def fit(
             extra = {}
             if minibatch:
                 order = torch.randperm(len(x_train), generator=shuffler).to(device)
-                batches = range(0, len(x_train), cfg.batch_size)
+                batches = order.split(cfg.batch_size)  # views, made in one call
                 if show:
                     from tqdm import tqdm  # only when a bar is drawn: tqdm's import is not free
 
                     batches = tqdm(batches, desc=f"epoch {epoch}/{epochs}", leave=False, file=sys.stderr)
-                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, (epoch - 1) * steps_per_epoch, x_train, y_train, targets, order, cfg.batch_size, batches, group, weights)
+                train_loss, train_acc = _minibatch_epoch(model, optimizer, schedule, (epoch - 1) * steps_per_epoch, x_train, y_train, targets, batches, group, weights)
             else:
                 grad_max = _lbfgs_epoch(model, optimizer, x_train, y_train, targets, cfg.weight_decay, group, weights is not None)
                 extra = {"grad_norm": grad_max, "iterations": optimizer.iterations, "converged": grad_max <= cfg.tolerance}
@@ -256,39 +256,45 @@ def one_thread(enabled: bool = True):
 
 
 @torch.no_grad()
-def _minibatch_epoch(model, optimizer, schedule, steps_before: int, x, y, targets, order, batch_size, batches,
+def _minibatch_epoch(model, optimizer, schedule, steps_before: int, x, y, targets, batches,
                      group: Group = SINGLE, weights: torch.Tensor | None = None) -> tuple[float, float]:
-    """One pass over shuffled batches; returns the running mean loss and accuracy. ``schedule(k)``
-    is the learning rate after ``k`` steps, of which ``steps_before`` were taken in earlier epochs.
+    """One pass over ``batches`` (the shuffled order's slices, as ``order.split(batch_size)``);
+    returns the running mean loss and accuracy. ``schedule(k)`` is the learning rate after ``k``
+    steps, of which ``steps_before`` were taken in earlier epochs.
 
     With several ranks, each takes its slice of every batch of the shared shuffle; its gradient
     is divided by the whole batch's size, so the sum over the ranks is the batch's mean gradient.
+    Each step writes its loss and predictions into the epoch's buffers, counted once at its end:
+    at a few hundred microseconds a step, the three operations saved per step are 4% of an epoch.
     """
     model.train()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    for step, i in enumerate(batches, steps_before + 1):
-        idx = order[i : i + batch_size]
+    log_likelihoods = torch.empty(len(batches), device=x.device)
+    predicted = torch.empty(len(y), dtype=torch.long, device=x.device)
+    taken, done = [], 0
+    for step, idx in enumerate(batches, steps_before + 1):
         rows = len(idx)
         if group.active:
             idx = idx[group.shard(rows)]
-        yb = y.index_select(0, idx)
         if targets is None:  # streamed
-            xb, hot = x.take(idx), target_rows(yb, model.num_classes, weights)
+            xb, hot = x.take(idx), target_rows(y.index_select(0, idx), model.num_classes, weights)
         else:
             xb, hot = x.index_select(0, idx), targets.index_select(0, idx)
-        batch_loss, batch_correct = batch_gradient(model, xb, yb, hot, rows, weights is not None)
+        _set_gradient(model, xb, hot, rows, weights is not None, log_likelihoods[step - steps_before - 1],
+                      predicted[done : done + len(idx)])
         group.all_reduce_grads(model.parameters())
         optimizer.step()
         optimizer.lr = schedule(step)
-        loss_sum += batch_loss
-        correct += batch_correct
+        taken.append(idx)
+        done += len(idx)
+    labels = y.index_select(0, torch.cat(taken)) if taken else y[:0]
+    loss_sum, correct = -log_likelihoods.sum(), (predicted[:done] == labels).sum()
     if group.active:
         totals = group.all_reduce(torch.stack([loss_sum.double(), correct.double()]))
         return totals[0].item() / len(x), totals[1].item() / len(x)
     return loss_sum.item() / len(x), correct.item() / len(x)
 
 
+@torch.no_grad()
 def batch_gradient(
     model, xb: torch.Tensor, yb: torch.Tensor, onehot: torch.Tensor, rows: int | None = None, weighted: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,15 +308,23 @@ def batch_gradient(
     ``weighted``: ``onehot``'s rows are scaled by their image's weight w (``target_rows``), which
     makes the loss sum of w * cross-entropy and the residual w * (p - onehot).
     """
+    log_likelihood = torch.empty((), device=xb.device)
+    predicted = torch.empty(len(xb), dtype=torch.long, device=xb.device)
+    _set_gradient(model, xb, onehot, rows, weighted, log_likelihood, predicted)
+    return -log_likelihood, (predicted == yb).sum()
+
+
+def _set_gradient(model, xb, onehot, rows, weighted: bool, log_likelihood: torch.Tensor, predicted: torch.Tensor) -> None:
+    """``batch_gradient``'s work, its figures written into ``log_likelihood`` (0-d: the summed
+    log-probability of the targets) and ``predicted`` (each row's class)."""
     weight, bias = model.linear.weight, model.linear.bias
     logits = torch.addmm(bias, xb, weight.t())
     log_p = logits.log_softmax(1)
-    loss_sum = -(log_p * onehot).sum()
-    correct = (logits.argmax(1) == yb).sum()
+    torch.sum(log_p * onehot, (0, 1), out=log_likelihood)
+    torch.argmax(logits, 1, out=predicted)
     residual = _residual(log_p, onehot, weighted).div_(len(xb) if rows is None else rows)
     weight.grad = residual.t().mm(xb)
     bias.grad = residual.sum(0)
-    return loss_sum, correct
 
 
 def _residual(log_p: torch.Tensor, targets: torch.Tensor, weighted: bool) -> torch.Tensor:
