@@ -154,12 +154,11 @@ def serve(requests=None, answers=None) -> None:
     requests = requests or sys.stdin
     answers = answers or sys.stdout
     sys.stdout = sys.stderr  # anything a library prints must not be taken for an answer
-    from .plots import plot_curves  # the import the helper exists for
+    from . import plots  # noqa: F401  (the import the helper exists for, made before the first request)
 
     for line in requests:
         try:
-            request = json.loads(line)
-            plot_curves(request["history"], request["path"], title=request["title"], kept_epoch=request["kept_epoch"])
+            _draw_here(json.loads(line))
             answer = {}
         except Exception as exc:  # noqa: BLE001 (any failure is the asker's to report: it draws in place)
             answer = {"error": f"{type(exc).__name__}: {exc}"}
