@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--quick", action="store_true", help="small subsets: checks the script, not the figures")
-    parser.add_argument("--repeats", type=int, default=3, help="epoch-speed repeats (median taken)")
+    parser.add_argument("--repeats", type=int, default=3, help="epoch-speed repeats, and timings of each short fit (median taken)")
     parser.add_argument("--process-repeats", type=int, default=9, help="fresh processes of each kind (median taken)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.md"))
     parser.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
