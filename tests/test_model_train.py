@@ -1,3 +1,5 @@
+import contextlib
+import itertools
 import math
 
 import pytest
@@ -191,6 +193,103 @@ def test_updates_match_torch_optim_bit_for_bit(kind, settings):
     for step, (a, b) in enumerate(zip(got, want)):
         for x, y in zip(a, b):
             assert torch.equal(x, y), f"step {step + 1}: max difference {(x - y).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("shapes", [[(10, 784), (10,)], [(7, 13), (7,)]], ids=["mnist", "odd"])
+@pytest.mark.parametrize("kind, settings", [
+    ("sgd", {"lr": 0.01, "momentum": 0.5, "weight_decay": 1e-3}),
+    ("adam", {"lr": 0.02, "weight_decay": 1e-2}),
+])
+def test_updates_of_one_flat_vector_match_torch_optim_on_each_parameter(kind, settings, shapes):
+    """``fit`` steps one vector that holds the weight and the bias (``optim.flat_parameters``):
+    still torch.optim's steps on the two tensors, bit for bit, whatever the shapes."""
+    from image_logreg import optim
+
+    torch.manual_seed(1)
+    start = [torch.randn(shape) for shape in shapes]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(12)]
+    ours = [torch.nn.Parameter(p.clone()) for p in start]
+    got = []
+    with optim.flat_parameters(ours) as flat:
+        optimizer = {"sgd": optim.SGD, "adam": optim.Adam}[kind]([flat], **settings)
+        for step_grads in grads:
+            for p, g in zip(ours, step_grads):
+                p.grad.copy_(g)  # in place, as training writes them: into the vector's gradient
+            optimizer.step()
+            got.append([p.detach().clone() for p in ours])
+    theirs = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[kind]
+    want = _steps(lambda ps: theirs(ps, foreach=True, **settings), [torch.nn.Parameter(p.clone()) for p in start], grads)
+    for step, (a, b) in enumerate(zip(got, want)):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y), f"step {step + 1}: max difference {(x - y).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["ends", "raises"])
+def test_flat_parameters_are_tensors_of_their_own_again_after_the_block(fails):
+    from image_logreg import optim
+
+    model = LogisticRegression((4, 5), 3)
+    weight, bias = model.linear.weight, model.linear.bias
+    with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+        with optim.flat_parameters(model.parameters()) as flat:
+            assert flat.shape == (63,) and flat.grad.shape == (63,)  # 3 x 20 weights, 3 biases
+            assert weight.data_ptr() == flat.data_ptr() and bias.grad.data_ptr() == flat.grad[60:].data_ptr()
+            flat.add_(1.0)
+            if fails:
+                raise RuntimeError("stopped")
+    assert weight.grad is None and bias.grad is None
+    assert weight.untyped_storage().data_ptr() != bias.untyped_storage().data_ptr()
+    assert weight.untyped_storage().nbytes() == 60 * 4  # not a view of the vector: a checkpoint can store it
+    assert torch.equal(torch.cat([weight.detach().reshape(-1), bias.detach()]), flat)  # the steps are kept
+
+
+def test_fit_gathers_batches_on_a_spare_thread_and_trains_the_same_weights(toy_data, monkeypatch):
+    """With a thread to spare, a second thread gathers the batches a few hand-offs ahead; the
+    weights are those of the steps gathering their own, bit for bit."""
+    from image_logreg import train
+
+    x, y, xv, yv = toy_tensors(toy_data)
+    monkeypatch.setattr(train, "AHEAD_BYTES", 3 * 14 * 784 * 4)  # 3 batches a hand-off: several, the last one short
+    seen = []
+    step_rows = train._step_rows
+    monkeypatch.setattr(train, "_step_rows", lambda *args: seen.append(args[-1]) or step_rows(*args))
+    cfg = TrainConfig(batch_size=14, epochs=2, class_weight="balanced")
+    weights = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            model = LogisticRegression()
+            history = fit(model, x, y, xv, yv, cfg)
+            weights.append(torch.cat([model.linear.weight.detach().reshape(-1), model.linear.bias.detach()]))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [3, 3, 0, 0]  # two epochs gathered ahead, then two gathering their own
+    assert len(x) % 14 and math.ceil(len(x) / 14) % 3  # a short batch and a short hand-off were exercised
+    assert torch.equal(weights[0], weights[1])
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_gathering_ahead_raises_the_threads_error_and_stops_with_the_steps():
+    import threading
+
+    from image_logreg import train
+    from image_logreg.distributed import SINGLE
+
+    x, y = torch.rand(40, 6), torch.randint(0, 3, (40,))
+    targets = train.target_rows(y, 3, None)
+    threads = threading.active_count()
+    batches = torch.arange(40).split(4)
+    with train._step_rows(x, y, targets, batches, SINGLE, None, 3, 2) as steps:
+        rows, idx, xb, hot = next(steps)  # a step that ends early leaves no thread behind
+        assert rows == 4 and torch.equal(xb, x[:4]) and torch.equal(hot, targets[:4])
+    bad = [*batches[:3], torch.tensor([1, 99])]
+    with pytest.raises(IndexError):
+        with train._step_rows(x, y, targets, bad, SINGLE, None, 3, 2) as steps:
+            assert [len(step[1]) for step in itertools.islice(steps, 2)] == [4, 4]
+            list(steps)
+    assert threading.active_count() == threads
 
 
 def test_cosine_schedule_is_lambdalr_bit_for_bit():

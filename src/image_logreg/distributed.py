@@ -87,6 +87,9 @@ class Group:
         import torch
 
         params = list(params)
+        if len(params) == 1:  # one vector already (``fit``'s flat parameters): summed in place
+            self.all_reduce(params[0].grad)
+            return
         flat = self.all_reduce(torch.cat([p.grad.reshape(-1) for p in params]))
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
