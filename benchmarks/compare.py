@@ -216,7 +216,8 @@ def render(results: dict) -> str:
         f"| one epoch, tutorial settings (SGD, lr 0.001, batch 100; train + validation pass) | "
         f"{speed['tutorial_seconds']:.3f} s | {speed['image_logreg_seconds']:.3f} s | **{speed['ratio']:.1f}x** |",
         "",
-        "Where an image-logreg epoch spends its time (torch profiler, self CPU time): "
+        "Where an image-logreg epoch spends its time (torch profiler, self CPU time on every thread: "
+        "the steps' own and the one gathering their batches): "
         + ", ".join(f"`{row['op']}` {row['share']:.0%}" for row in speed["profile"]) + ".",
         "",
         f"| MNIST, fit to >= {TARGET} test accuracy | scikit-learn `LogisticRegression()` | image-logreg defaults | ratio |",

@@ -129,10 +129,12 @@ def time_ours_epoch(tensors, device) -> tuple[float, float]:
 
 
 def where_time_goes(tensors, device, top: int = 6) -> list[dict]:
-    """Profile one image-logreg epoch: the operators that take the most time, as shares."""
+    """Profile one image-logreg epoch: the operators that take the most time, as shares, on
+    every thread (the steps' own and the one gathering their batches)."""
+    from torch._C._profiler import _ExperimentalConfig
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], experimental_config=_ExperimentalConfig(profile_all_threads=True)) as prof:
         time_ours_epoch(tensors, device)
     events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
     total = sum(e.self_cpu_time_total for e in events) or 1
