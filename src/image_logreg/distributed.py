@@ -81,18 +81,10 @@ class Group:
         return tensor
 
     def all_reduce_grads(self, params) -> None:
-        """Sum the parameters' gradients over the ranks, in one collective."""
-        if not self.active:
-            return
-        import torch
-
-        params = list(params)
-        if len(params) == 1:  # one vector already (``fit``'s flat parameters): summed in place
-            self.all_reduce(params[0].grad)
-            return
-        flat = self.all_reduce(torch.cat([p.grad.reshape(-1) for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
+        """Sum the parameters' gradients over the ranks, each in place (``fit`` steps one vector
+        holding them all, ``optim.flat_parameters``: one collective a step)."""
+        for p in params:
+            self.all_reduce(p.grad)
 
     def broadcast_params(self, model) -> None:
         """Start every rank from rank 0's weights (the seeded initialisation should match anyway)."""
