@@ -183,14 +183,18 @@ def test_two_nodes_give_the_weights_of_one_process(capsys, real_data, tmp_path):
 
 def test_a_node_that_fails_stops_the_other_and_leaves_no_run(real_data, tmp_path):
     """Node 1 has no data where it was told to look: it says so, and node 0 (rank 0, the one that
-    writes) stops at once with one line of its own, leaving no run directory behind."""
+    writes) stops at once with one line of its own, leaving no run directory behind.
+
+    Gloo can finish node 1's side of the join before node 0's: on a busy machine node 1 then fails
+    while node 0 is still joining, and node 0's line says it could not join rather than that it
+    lost the other ranks. Either is true, and either is one line."""
     out = tmp_path / "run"
     common = ["--out", str(out), *SMALL]
     results = launch_nodes([["--data-dir", str(real_data), *common], ["--data-dir", str(tmp_path / "nowhere"), *common]],
                            rdzv="static")  # static: --node-rank decides the rank, so node 0 is rank 0
     assert all(r.returncode != 0 for r in results), [r.stderr[-2000:] for r in results]
     (first,), (second,) = errors(results[0].stderr), errors(results[1].stderr)
-    assert "rank 0 of 2 lost the other ranks" in first, first
+    assert "rank 0 of 2 lost the other ranks" in first or "rank 0 could not join the other ranks" in first, first
     assert "rank 1: mnist train data missing" in second, second
     no_run_left(out)
 
