@@ -376,7 +376,8 @@ def test_serve_refuses_bad_setups_with_one_line(capsys, runs, tmp_path):
     for flags, fragment in ((["--max-buffered", "1000", "--max-body", "2000"], "--max-buffered (1000 bytes) must be"),
                             (["--header-timeout", "0"], "--header-timeout must be a number of seconds above 0"),
                             (["--body-timeout", "nan"], "--body-timeout must be"),
-                            (["--max-connections", "0"], "--max-connections must be at least 1")):
+                            (["--max-connections", "0"], "--max-connections must be at least 1"),
+                            (["--port", "65536"], "--port must be 0 to 65535"), (["--port", "-1"], "--port must be 0 to 65535")):
         code, out, err = run_cli(capsys, "serve", runs / "plain", *flags)
         assert_one_line_error(code, out, err, fragment)
 

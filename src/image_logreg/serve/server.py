@@ -169,6 +169,8 @@ def serve(
     from .feedback import setup_feedback
     from .registry import load_models
 
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be 0 to 65535 (0 picks a free port), got {port}")
     token = read_token(token_file)
     check_exposure(host, token, no_auth)
     if any(limit is not None and limit < 1 for limit in (max_body, max_images, max_pixels)):
