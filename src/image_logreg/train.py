@@ -311,20 +311,16 @@ def _step_rows(x, y, targets, batches, group: Group, weights, num_classes: int, 
     is a fifth of a one-thread step, and the other core is idle; the gathers are the same calls,
     so the steps see the same tensors.
     """
-    def gather(idx):
+    def step_rows(idx):
+        rows = len(idx)
+        if group.active:
+            idx = idx[group.shard(rows)]
         if targets is None:  # streamed: a batch's one-hot rows are made with it
-            return x.take(idx), target_rows(y.index_select(0, idx), num_classes, weights)
-        return x.index_select(0, idx), targets.index_select(0, idx)
+            return rows, idx, x.take(idx), target_rows(y.index_select(0, idx), num_classes, weights)
+        return rows, idx, x.index_select(0, idx), targets.index_select(0, idx)
 
     if not ahead:
-        def here():
-            for idx in batches:
-                rows = len(idx)
-                if group.active:
-                    idx = idx[group.shard(rows)]
-                yield (rows, idx, *gather(idx))
-
-        yield here()
+        yield map(step_rows, batches)
         return
 
     from concurrent.futures import ThreadPoolExecutor
@@ -332,17 +328,19 @@ def _step_rows(x, y, targets, batches, group: Group, weights, num_classes: int, 
     pending_batches = iter(batches)
 
     def hand_off(chunk):
-        return [(len(idx), idx, *gather(idx)) for idx in chunk]
+        return [step_rows(idx) for idx in chunk]
 
     # like _each_piece's workers, the thread's products stay on it (OpenMP and MKL settings are per thread)
     with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        def gathered():
+        def next_hand_off():
             chunk = list(itertools.islice(pending_batches, ahead))
-            pending = pool.submit(hand_off, chunk) if chunk else None
+            return pool.submit(hand_off, chunk) if chunk else None
+
+        def gathered():
+            pending = next_hand_off()
             while pending is not None:
                 ready = pending.result()
-                chunk = list(itertools.islice(pending_batches, ahead))
-                pending = pool.submit(hand_off, chunk) if chunk else None
+                pending = next_hand_off()
                 yield from ready
 
         yield gathered()
